@@ -1,0 +1,350 @@
+// pybind11 glue for kvpool._core: conversions, GIL release and error mapping only.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "kvpool/client.h"
+#include "kvpool/hashing.h"
+#include "kvpool/logging.h"
+#include "kvpool/server.h"
+
+namespace py = pybind11;
+using namespace kvpool;
+
+namespace {
+
+/// Carries a non-ok Status to the translator, which raises the matching kvpool.errors class.
+struct StatusError {
+  Status status;
+};
+
+void Check(const Status& s) {
+  if (!s.ok()) throw StatusError{s};
+}
+template <typename T>
+T Unwrap(Result<T> r) {
+  Check(r.status());
+  return std::move(r.value());
+}
+
+Status Invalid(const std::string& message) { return Status(ErrorCode::kInvalidArgument, message); }
+
+std::vector<Key128> ToKeys(const py::sequence& keys) {
+  std::vector<Key128> out(keys.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    py::handle k = keys[i];
+    char* data;
+    Py_ssize_t len;
+    if (!PyBytes_Check(k.ptr()) || PyBytes_AsStringAndSize(k.ptr(), &data, &len) != 0 || len != 16) {
+      throw StatusError{Invalid("key " + std::to_string(i) + " must be 16 bytes (a kvpool block key), got " +
+                                std::string(py::str(py::repr(k))).substr(0, 80))};
+    }
+    std::memcpy(out[i].bytes.data(), data, 16);
+  }
+  return out;
+}
+
+/// Py_buffer views held for the duration of a call, so the GIL can be released while the core
+/// reads or writes the memory.
+class BufferViews {
+ public:
+  BufferViews(const py::sequence& objs, bool writable) {
+    views_.reserve(objs.size());
+    for (size_t i = 0; i < objs.size(); ++i) {
+      Py_buffer view;
+      const int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+      if (PyObject_GetBuffer(py::handle(objs[i]).ptr(), &view, flags) != 0) {
+        PyErr_Clear();
+        throw StatusError{Invalid("block " + std::to_string(i) + " (" +
+                                  std::string(py::str(py::type::of(objs[i]).attr("__name__"))) +
+                                  ") is not a C-contiguous" + (writable ? " writable" : "") +
+                                  " buffer")};
+      }
+      views_.push_back(view);
+    }
+  }
+  ~BufferViews() {
+    for (auto& v : views_) PyBuffer_Release(&v);
+  }
+  std::vector<ConstBuffer> Const() const {
+    std::vector<ConstBuffer> out;
+    for (const auto& v : views_) out.push_back({static_cast<const uint8_t*>(v.buf), static_cast<size_t>(v.len)});
+    return out;
+  }
+  std::vector<MutableBuffer> Mutable() const {
+    std::vector<MutableBuffer> out;
+    for (const auto& v : views_) out.push_back({static_cast<uint8_t*>(v.buf), static_cast<size_t>(v.len)});
+    return out;
+  }
+
+ private:
+  std::vector<Py_buffer> views_;
+};
+
+/// Token ids as uint32: a buffer of 4- or 8-byte integers, or any sequence of ints.
+std::vector<uint32_t> ToTokens(const py::object& tokens) {
+  std::vector<uint32_t> out;
+  auto check = [](long long v, size_t i) {
+    if (v < 0 || v > 0xffffffffLL) {
+      throw StatusError{Invalid("token " + std::to_string(i) + " = " + std::to_string(v) +
+                                " is outside [0, 2**32)")};
+    }
+    return static_cast<uint32_t>(v);
+  };
+  if (PyObject_CheckBuffer(tokens.ptr())) {
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(tokens).request();
+    const bool contiguous = info.ndim == 1 && (info.strides.empty() || info.strides[0] == info.itemsize);
+    const char f = info.format.empty() ? '?' : info.format.back();
+    const bool integral = std::strchr("bBhHiIlLqQ", f) != nullptr;
+    if (contiguous && integral && (info.itemsize == 4 || info.itemsize == 8)) {
+      out.resize(info.size);
+      const bool is_signed = std::islower(f);
+      for (py::ssize_t i = 0; i < info.size; ++i) {
+        if (info.itemsize == 4) {
+          const uint32_t u = static_cast<const uint32_t*>(info.ptr)[i];
+          out[i] = is_signed ? check(static_cast<int32_t>(u), i) : u;
+        } else {
+          const uint64_t u = static_cast<const uint64_t*>(info.ptr)[i];
+          out[i] = check(is_signed ? static_cast<long long>(u) : static_cast<long long>(std::min<uint64_t>(u, 1ULL << 40)), i);
+        }
+      }
+      return out;
+    }
+  }
+  py::sequence seq = py::reinterpret_borrow<py::sequence>(tokens);
+  const size_t n = seq.size();
+  out.resize(n);
+  PyObject* fast = PySequence_Fast(tokens.ptr(), "token ids must be a sequence of ints");
+  if (fast == nullptr) throw py::error_already_set();
+  PyObject** items = PySequence_Fast_ITEMS(fast);
+  for (size_t i = 0; i < n; ++i) {
+    const long long v = PyLong_AsLongLong(items[i]);
+    if (v == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      PyErr_Clear();
+      throw StatusError{Invalid("token " + std::to_string(i) + " is not an int")};
+    }
+    out[i] = check(v, i);
+  }
+  Py_DECREF(fast);
+  return out;
+}
+
+py::list KeysToList(const std::vector<Key128>& keys) {
+  py::list out(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    out[i] = py::reinterpret_steal<py::object>(
+        PyBytes_FromStringAndSize(reinterpret_cast<const char*>(keys[i].bytes.data()), 16));
+  }
+  return out;
+}
+
+py::list Flags(const std::vector<uint8_t>& flags) {
+  py::list out(flags.size());
+  for (size_t i = 0; i < flags.size(); ++i) out[i] = py::bool_(flags[i] != 0);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kvpool's C++ core. Private: use the kvpool package.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      py::object exc = py::module_::import("kvpool.errors")
+                           .attr("error_from_code")(static_cast<int>(e.status.code()), e.status.message());
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+    }
+  });
+
+  m.def("set_log_level", &SetLogThreshold);
+  m.def("error_code_name", [](int code) { return ErrorCodeName(static_cast<ErrorCode>(code)); });
+
+  py::class_<Namespace>(m, "Namespace")
+      .def(py::init<>())
+      .def_readwrite("model", &Namespace::model)
+      .def_readwrite("revision", &Namespace::revision)
+      .def_readwrite("dtype", &Namespace::dtype)
+      .def_readwrite("kv_layout", &Namespace::kv_layout)
+      .def_readwrite("attention_backend", &Namespace::attention_backend)
+      .def_readwrite("block_tokens", &Namespace::block_tokens)
+      .def_readwrite("tp_size", &Namespace::tp_size)
+      .def_readwrite("tp_rank", &Namespace::tp_rank)
+      .def_readwrite("layer_begin", &Namespace::layer_begin)
+      .def_readwrite("layer_end", &Namespace::layer_end)
+      .def_readwrite("salts", &Namespace::salts)
+      .def("canonical", [](const Namespace& ns) { return py::bytes(ns.Canonical()); })
+      .def("fingerprint", [](const Namespace& ns) {
+        const Key128 k = Unwrap(ns.Fingerprint());
+        return py::bytes(reinterpret_cast<const char*>(k.bytes.data()), 16);
+      });
+
+  m.def("hash128", [](py::bytes data) {
+    std::string_view v = data;
+    const Key128 k = Hash128(v.data(), v.size());
+    return py::bytes(reinterpret_cast<const char*>(k.bytes.data()), 16);
+  });
+
+  m.def(
+      "chain_block_keys",
+      [](const py::bytes& fingerprint, const py::object& tokens, uint32_t block_tokens) {
+        std::string_view fp = fingerprint;
+        if (fp.size() != 16) throw StatusError{Invalid("fingerprint must be 16 bytes")};
+        if (block_tokens == 0) throw StatusError{Invalid("block_tokens must be > 0")};
+        const std::vector<uint32_t> ids = ToTokens(tokens);
+        std::vector<Key128> keys;
+        {
+          py::gil_scoped_release release;
+          ChainBlockKeys(Key128::FromBytes(fp.data()), ids, block_tokens, &keys);
+        }
+        return KeysToList(keys);
+      },
+      py::arg("fingerprint"), py::arg("tokens"), py::arg("block_tokens"));
+
+  py::class_<ServerOptions>(m, "ServerOptions")
+      .def(py::init<>())
+      .def_readwrite("host", &ServerOptions::host)
+      .def_readwrite("port", &ServerOptions::port)
+      .def_readwrite("max_connections", &ServerOptions::max_connections)
+      .def_readwrite("io_timeout_ms", &ServerOptions::io_timeout_ms)
+      .def_property(
+          "capacity", [](const ServerOptions& o) { return o.store.capacity; },
+          [](ServerOptions& o, size_t v) { o.store.capacity = v; })
+      .def_property(
+          "high_watermark", [](const ServerOptions& o) { return o.store.high_watermark; },
+          [](ServerOptions& o, double v) { o.store.high_watermark = v; })
+      .def_property(
+          "eviction", [](const ServerOptions& o) { return std::string(EvictionKindName(o.store.eviction)); },
+          [](ServerOptions& o, const std::string& v) { o.store.eviction = Unwrap(ParseEvictionKind(v)); })
+      .def_property(
+          "hugepages",
+          [](const ServerOptions& o) {
+            return o.store.hugepages == HugePages::kOn ? "on" : o.store.hugepages == HugePages::kOff ? "off" : "auto";
+          },
+          [](ServerOptions& o, const std::string& v) {
+            if (v == "on") o.store.hugepages = HugePages::kOn;
+            else if (v == "off") o.store.hugepages = HugePages::kOff;
+            else if (v == "auto") o.store.hugepages = HugePages::kAuto;
+            else throw StatusError{Invalid("hugepages must be 'auto', 'on' or 'off', got '" + v + "'")};
+          })
+      .def_property(
+          "max_batch_keys", [](const ServerOptions& o) { return o.limits.max_batch_keys; },
+          [](ServerOptions& o, uint32_t v) { o.limits.max_batch_keys = v; })
+      .def_property(
+          "max_frame_bytes", [](const ServerOptions& o) { return o.limits.max_frame_bytes; },
+          [](ServerOptions& o, uint64_t v) { o.limits.max_frame_bytes = v; })
+      .def_property(
+          "max_block_bytes", [](const ServerOptions& o) { return o.limits.max_block_bytes; },
+          [](ServerOptions& o, uint64_t v) { o.limits.max_block_bytes = v; });
+
+  py::class_<Server>(m, "Server")
+      .def_static(
+          "start",
+          [](const ServerOptions& options) {
+            py::gil_scoped_release release;
+            return Unwrap(Server::Start(options));
+          },
+          py::arg("options"))
+      .def_property_readonly("port", &Server::port)
+      .def_property_readonly("host", &Server::host)
+      .def("stop", &Server::Stop, py::call_guard<py::gil_scoped_release>())
+      .def("stats_json", &Server::StatsJson, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<Client>(m, "Client")
+      .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms, uint32_t connect_timeout_ms,
+                       uint32_t max_idle_connections) {
+             ClientOptions o{host, port, timeout_ms, connect_timeout_ms, max_idle_connections};
+             py::gil_scoped_release release;
+             return Unwrap(Client::Connect(o));
+           }),
+           py::arg("host"), py::arg("port"), py::arg("timeout_ms"), py::arg("connect_timeout_ms"),
+           py::arg("max_idle_connections"))
+      .def_property_readonly("address", &Client::address)
+      .def_property_readonly("max_block_bytes", [](Client& c) { return c.limits().max_block_bytes; })
+      .def("put",
+           [](Client& c, const py::sequence& keys, const py::sequence& blocks) {
+             const auto k = ToKeys(keys);
+             BufferViews views(blocks, false);
+             const auto b = views.Const();
+             std::vector<uint8_t> statuses(k.size());
+             {
+               py::gil_scoped_release release;
+               Check(c.Put(k, b, statuses));
+             }
+             return statuses;
+           })
+      .def("get_into",
+           [](Client& c, const py::sequence& keys, const py::sequence& buffers) {
+             const auto k = ToKeys(keys);
+             BufferViews views(buffers, true);
+             const auto b = views.Mutable();
+             std::vector<uint8_t> found(k.size());
+             {
+               py::gil_scoped_release release;
+               Check(c.GetInto(k, b, found));
+             }
+             return Flags(found);
+           })
+      .def("get",
+           [](Client& c, const py::sequence& keys) {
+             const auto k = ToKeys(keys);
+             std::vector<uint8_t> found(k.size());
+             std::vector<py::object> blocks(k.size());
+             {
+               py::gil_scoped_release release;
+               Check(c.Get(
+                   k,
+                   [&](size_t i, size_t size) -> uint8_t* {
+                     py::gil_scoped_acquire acquire;
+                     PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
+                     if (b == nullptr) {
+                       PyErr_Clear();
+                       return nullptr;
+                     }
+                     blocks[i] = py::reinterpret_steal<py::object>(b);
+                     return reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(b));
+                   },
+                   found));
+             }
+             py::list out(k.size());
+             for (size_t i = 0; i < k.size(); ++i) out[i] = found[i] ? blocks[i] : py::none();
+             return out;
+           })
+      .def("exists",
+           [](Client& c, const py::sequence& keys) {
+             const auto k = ToKeys(keys);
+             std::vector<uint8_t> present(k.size());
+             {
+               py::gil_scoped_release release;
+               Check(c.Exists(k, present));
+             }
+             return Flags(present);
+           })
+      .def("delete",
+           [](Client& c, const py::sequence& keys) {
+             const auto k = ToKeys(keys);
+             std::vector<uint8_t> deleted(k.size());
+             {
+               py::gil_scoped_release release;
+               Check(c.Delete(k, deleted));
+             }
+             return Flags(deleted);
+           })
+      .def("match_prefix",
+           [](Client& c, const py::sequence& keys) {
+             const auto k = ToKeys(keys);
+             py::gil_scoped_release release;
+             return Unwrap(c.MatchPrefix(k));
+           })
+      .def("stats_json", [](Client& c) {
+        py::gil_scoped_release release;
+        return Unwrap(c.StatsJson());
+      });
+}

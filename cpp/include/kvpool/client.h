@@ -1,0 +1,90 @@
+// Client for one storage node: batched, pipelined requests with a deadline on every call.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvpool/hashing.h"
+#include "kvpool/protocol.h"
+#include "kvpool/status.h"
+
+namespace kvpool {
+
+namespace detail {
+class ClientConnection;
+}  // namespace detail
+
+struct ClientOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;
+  uint32_t timeout_ms = 5000;          ///< Deadline of each call, from its start.
+  uint32_t connect_timeout_ms = 2000;  ///< Bounded also by the call's deadline.
+  uint32_t max_idle_connections = 8;   ///< Connections kept open between calls.
+};
+
+struct ConstBuffer {
+  const uint8_t* data;
+  size_t size;
+};
+struct MutableBuffer {
+  uint8_t* data;
+  size_t size;
+};
+
+/// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,
+/// so threads do not serialise on one socket. A batch larger than the node's limits is split into
+/// several frames that are pipelined on one connection. Any failure of a call closes the
+/// connection it used (the next call opens a fresh one), so a timed-out reply can never be
+/// mistaken for the answer to a later request.
+class Client {
+ public:
+  /// Connects once and performs the HELLO handshake, so a bad address fails here.
+  static Result<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  ~Client();
+
+  /// Stores blocks; statuses[i] is a protocol::PutStatus (stored, exists, no space, too large).
+  Status Put(std::span<const Key128> keys, std::span<const ConstBuffer> blocks,
+             std::span<uint8_t> statuses);
+  /// Reads blocks; for each present key, `dest(i, size)` names where its bytes go (nullptr
+  /// drops them). found[i] is 1 when the block was delivered.
+  Status Get(std::span<const Key128> keys,
+             const std::function<uint8_t*(size_t index, size_t size)>& dest,
+             std::span<uint8_t> found);
+  /// Reads blocks straight into caller memory. A block whose size differs from its buffer is
+  /// dropped and reported as not found (found[i] = 0).
+  Status GetInto(std::span<const Key128> keys, std::span<const MutableBuffer> buffers,
+                 std::span<uint8_t> found);
+  Status Exists(std::span<const Key128> keys, std::span<uint8_t> present);
+  Result<size_t> MatchPrefix(std::span<const Key128> keys);
+  Status Delete(std::span<const Key128> keys, std::span<uint8_t> deleted);
+  Result<std::string> StatsJson();
+
+  const protocol::Limits& limits() const { return limits_; }
+  std::string address() const;
+
+ private:
+  using Connection = detail::ClientConnection;
+  explicit Client(const ClientOptions& options);
+  Result<std::unique_ptr<Connection>> Acquire(uint64_t deadline_ms);
+  void Release(std::unique_ptr<Connection> conn);
+  /// Runs `fn` on a pooled connection; on error the connection is discarded, on success returned.
+  Status WithConnection(const std::function<Status(Connection&)>& fn);
+  /// Sends `keys` as pipelined frames of `op`; on_reply reads each reply's body (its header is
+  /// already checked) for the frame starting at key `begin`.
+  Status KeyRequest(protocol::Op op, std::span<const Key128> keys,
+                    const std::function<Status(Connection&, size_t begin, const protocol::Header&)>& on_reply);
+  Status FlagRequest(protocol::Op op, std::span<const Key128> keys, std::span<uint8_t> flags);
+
+  ClientOptions options_;
+  protocol::Limits limits_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Connection>> idle_;
+};
+
+}  // namespace kvpool

@@ -1,0 +1,70 @@
+// The storage node's data path: a TCP listener serving the binary protocol from a BlockStore.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "kvpool/block_store.h"
+#include "kvpool/protocol.h"
+#include "kvpool/status.h"
+
+namespace kvpool {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;  ///< 0 = any free port; see Server::port()
+  BlockStoreOptions store;
+  protocol::Limits limits;
+  uint32_t max_connections = 1024;
+  /// A frame (request read or reply written) must complete within this once its header arrived;
+  /// a writer that stalls longer is disconnected and its reservations freed.
+  uint32_t io_timeout_ms = 30000;
+};
+
+/// Serves the protocol on one listening socket. Each connection gets an I/O thread that reads
+/// frames straight into pool memory and writes replies straight from it (scatter/gather, no
+/// staging copy). Requests on one connection are answered in order; clients pipeline by sending
+/// the next request before the previous reply arrives. Protocol violations get an error reply and
+/// the connection is closed; nothing a peer sends can change a committed block.
+class Server {
+ public:
+  /// Creates the store, binds and starts accepting. Errors: the store's, or Connection for bind.
+  static Result<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  /// Stops accepting, disconnects every client (their reservations are aborted) and joins all
+  /// threads. Idempotent.
+  void Stop();
+
+  uint16_t port() const { return port_; }
+  const std::string& host() const { return options_.host; }
+  BlockStore& store() { return *store_; }
+  /// The STATS reply: store counters plus connection counts, as a JSON object.
+  std::string StatsJson() const;
+
+ private:
+  struct Connection;
+  Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd, uint16_t port);
+  void AcceptLoop();
+  void Serve(Connection* conn);
+  void ReapFinished();
+
+  ServerOptions options_;
+  std::unique_ptr<BlockStore> store_;
+  int listen_fd_;
+  uint16_t port_;
+  std::atomic<bool> stopping_{false};
+  std::thread accept_thread_;
+  mutable std::mutex conns_mu_;
+  std::list<std::unique_ptr<Connection>> conns_;
+  std::atomic<uint64_t> accepted_{0}, rejected_{0}, protocol_errors_{0};
+};
+
+}  // namespace kvpool

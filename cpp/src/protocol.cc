@@ -1,0 +1,80 @@
+#include "kvpool/protocol.h"
+
+#include <cstdio>
+#include <string>
+
+namespace kvpool::protocol {
+
+bool IsKnownOp(uint8_t op) { return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kStats); }
+
+Status ValidateRequestHeader(const Header& h, const Limits& limits) {
+  if (h.magic != kMagic) {
+    return Status(ErrorCode::kBadMagic, "bad frame magic 0x" + [&] {
+      char buf[9];
+      std::snprintf(buf, sizeof buf, "%08x", h.magic);
+      return std::string(buf);
+    }());
+  }
+  const auto op = static_cast<uint8_t>(h.op);
+  if (!IsKnownOp(op)) return Status(ErrorCode::kUnknownOp, "unknown opcode " + std::to_string(op));
+  if (h.flags != 0 || h.reserved != 0 || h.status != 0) {
+    return Status(ErrorCode::kBadFrame, "request has non-zero flags/reserved/status fields");
+  }
+  if (h.body_bytes > limits.max_frame_bytes) {
+    return Status(ErrorCode::kFrameTooLarge, "frame body of " + std::to_string(h.body_bytes) +
+                                                 " bytes exceeds max_frame_bytes " +
+                                                 std::to_string(limits.max_frame_bytes));
+  }
+  if (h.count > limits.max_batch_keys) {
+    return Status(ErrorCode::kBatchTooLarge, "batch of " + std::to_string(h.count) +
+                                                 " keys exceeds max_batch_keys " +
+                                                 std::to_string(limits.max_batch_keys));
+  }
+  uint64_t expected = 0;
+  switch (h.op) {
+    case Op::kHello:
+      if (h.body_bytes != kHelloRequestBytes) {
+        return Status(ErrorCode::kBadFrame, "HELLO body must be " + std::to_string(kHelloRequestBytes) +
+                                                " bytes, got " + std::to_string(h.body_bytes));
+      }
+      return Status::Ok();
+    case Op::kPut:
+      // The exact size is known only once the length table is read; it must at least hold it.
+      if (h.body_bytes < uint64_t{h.count} * kPutEntryBytes) {
+        return Status(ErrorCode::kBadFrame, "PUT body of " + std::to_string(h.body_bytes) +
+                                                " bytes cannot hold " + std::to_string(h.count) +
+                                                " table entries");
+      }
+      return Status::Ok();
+    case Op::kStats:
+      expected = 0;
+      break;
+    default:
+      expected = uint64_t{h.count} * kKeyBytes;
+      break;
+  }
+  if (h.body_bytes != expected) {
+    return Status(ErrorCode::kBadFrame, "body of " + std::to_string(h.body_bytes) + " bytes for " +
+                                            std::to_string(h.count) + " keys, expected " +
+                                            std::to_string(expected));
+  }
+  return Status::Ok();
+}
+
+void EncodeLimits(const Limits& l, uint8_t* out) {
+  std::memcpy(out, &l.version, 4);
+  std::memcpy(out + 4, &l.max_batch_keys, 4);
+  std::memcpy(out + 8, &l.max_frame_bytes, 8);
+  std::memcpy(out + 16, &l.max_block_bytes, 8);
+}
+
+Limits DecodeLimits(const uint8_t* in) {
+  Limits l;
+  std::memcpy(&l.version, in, 4);
+  std::memcpy(&l.max_batch_keys, in + 4, 4);
+  std::memcpy(&l.max_frame_bytes, in + 8, 8);
+  std::memcpy(&l.max_block_bytes, in + 16, 8);
+  return l;
+}
+
+}  // namespace kvpool::protocol

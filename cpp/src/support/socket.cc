@@ -1,0 +1,189 @@
+#include "support/socket.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+namespace kvpool::net {
+namespace {
+
+Status Errno(const char* what) {
+  return Status(ErrorCode::kConnection, std::string(what) + ": " + std::strerror(errno));
+}
+
+/// Waits until fd is ready for `events`; Timeout once the deadline passes.
+Status Wait(int fd, short events, Deadline deadline) {
+  while (true) {
+    pollfd p{fd, events, 0};
+    const int r = poll(&p, 1, deadline.PollTimeoutMs());
+    if (r > 0) return Status::Ok();  // errors and hang-ups surface from the next recv/send
+    if (r == 0) return Status(ErrorCode::kTimeout, "socket I/O deadline exceeded");
+    if (errno != EINTR) return Errno("poll");
+  }
+}
+
+Result<sockaddr_in> Resolve(const std::string& host, uint16_t port) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  const std::string h = host == "localhost" ? "127.0.0.1" : host;
+  if (inet_pton(AF_INET, h.c_str(), &addr.sin_addr) == 1) return addr;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(h.c_str(), nullptr, &hints, &res) != 0 || res == nullptr) {
+    return Status(ErrorCode::kInvalidArgument, "cannot resolve host '" + host + "'");
+  }
+  addr.sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
+  freeaddrinfo(res);
+  return addr;
+}
+
+/// Drops fully written or read iovecs and trims the first partial one.
+void Advance(struct iovec*& iov, size_t& iovcnt, size_t n) {
+  while (iovcnt > 0 && n >= iov->iov_len) {
+    n -= iov->iov_len;
+    ++iov;
+    --iovcnt;
+  }
+  if (iovcnt > 0 && n > 0) {
+    iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + n;
+    iov->iov_len -= n;
+  }
+}
+
+}  // namespace
+
+int Deadline::PollTimeoutMs() const {
+  if (never()) return -1;
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(at_ - Clock::now()).count();
+  if (left <= 0) return 0;
+  return static_cast<int>(std::min<int64_t>(left, INT_MAX));
+}
+
+void Fd::Reset() {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+Status SetNonBlocking(int fd) {
+  const int flags = fcntl(fd, F_GETFL, 0);
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return Errno("fcntl");
+  return Status::Ok();
+}
+
+void TuneDataSocket(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+Result<Fd> Listen(const std::string& host, uint16_t port, int backlog) {
+  auto addr = Resolve(host, port);
+  if (!addr.ok()) return addr.status();
+  Fd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Errno("socket");
+  int one = 1;
+  setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_in)) != 0) {
+    return Status(ErrorCode::kConnection, "bind " + host + ":" + std::to_string(port) + ": " +
+                                              std::strerror(errno));
+  }
+  if (listen(fd.get(), backlog) != 0) return Errno("listen");
+  return fd;
+}
+
+uint16_t LocalPort(int fd) {
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  return ntohs(addr.sin_port);
+}
+
+Result<Fd> Connect(const std::string& host, uint16_t port, Deadline deadline) {
+  auto addr = Resolve(host, port);
+  if (!addr.ok()) return addr.status();
+  Fd fd(socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return Errno("socket");
+  TuneDataSocket(fd.get());
+  const std::string where = host + ":" + std::to_string(port);
+  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_in)) != 0) {
+    if (errno != EINPROGRESS) {
+      return Status(ErrorCode::kConnection, "connect " + where + ": " + std::strerror(errno));
+    }
+    Status s = Wait(fd.get(), POLLOUT, deadline);
+    if (!s.ok()) return Status(s.code(), "connect " + where + ": timed out");
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) return Status(ErrorCode::kConnection, "connect " + where + ": " + std::strerror(err));
+  }
+  return fd;
+}
+
+Status RecvAllV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
+  while (iovcnt > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(iovcnt, IOV_MAX);
+    const ssize_t n = recvmsg(fd, &msg, 0);
+    if (n > 0) {
+      Advance(iov, iovcnt, static_cast<size_t>(n));
+    } else if (n == 0) {
+      return Status(ErrorCode::kClosed, "connection closed by peer");
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      KVPOOL_RETURN_IF_ERROR(Wait(fd, POLLIN, deadline));
+    } else if (errno != EINTR) {
+      return Errno("recv");
+    }
+  }
+  return Status::Ok();
+}
+
+Status RecvAll(int fd, void* buf, size_t n, Deadline deadline) {
+  iovec iov{buf, n};
+  return RecvAllV(fd, &iov, 1, deadline);
+}
+
+Status Discard(int fd, size_t n, uint8_t* scratch, size_t scratch_bytes, Deadline deadline) {
+  while (n > 0) {
+    const size_t chunk = std::min(n, scratch_bytes);
+    KVPOOL_RETURN_IF_ERROR(RecvAll(fd, scratch, chunk, deadline));
+    n -= chunk;
+  }
+  return Status::Ok();
+}
+
+Status SendAll(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
+  while (iovcnt > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(iovcnt, IOV_MAX);
+    const ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n >= 0) {
+      Advance(iov, iovcnt, static_cast<size_t>(n));
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      KVPOOL_RETURN_IF_ERROR(Wait(fd, POLLOUT, deadline));
+    } else if (errno != EINTR) {
+      return Errno("send");
+    }
+  }
+  return Status::Ok();
+}
+
+Status SendAll(int fd, const void* buf, size_t n, Deadline deadline) {
+  iovec iov{const_cast<void*>(buf), n};
+  return SendAll(fd, &iov, 1, deadline);
+}
+
+}  // namespace kvpool::net

@@ -1,0 +1,127 @@
+"""``kvpool.Client``: batched block I/O against one storage node."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from kvpool import _core
+from kvpool.errors import InvalidArgumentError, KVPoolConnectionError
+
+__all__ = ["Client", "parse_address"]
+
+# protocol::PutStatus
+_STORED, _EXISTS = 0, 1
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); InvalidArgumentError naming the address otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(f"address {address!r} is not of the form host:port")
+    return host, int(port)
+
+
+def _as_buffer(block: Any, *, writable: bool) -> Any:
+    """Objects with the buffer protocol pass through; CPU torch tensors become byte views of
+    their storage (no copy), whatever their dtype."""
+    if type(block).__module__.startswith("torch"):
+        if block.device.type != "cpu":
+            raise InvalidArgumentError(f"tensor on {block.device} is not a CPU tensor")
+        if not block.is_contiguous():
+            raise InvalidArgumentError("tensor is not contiguous")
+        import torch
+
+        return block.detach().reshape(-1).view(torch.uint8).numpy()
+    return block
+
+
+class Client:
+    """A connection pool to one storage node.
+
+    Every call is batched (a batch larger than the node's limits is split and pipelined), has a
+    deadline of ``timeout`` seconds, and releases the GIL while it waits. Thread-safe; concurrent
+    calls use separate connections. Errors raise :class:`kvpool.KVPoolError` subclasses.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        max_idle_connections: int = 8,
+    ) -> None:
+        if timeout <= 0 or connect_timeout <= 0:
+            raise InvalidArgumentError(
+                f"timeout ({timeout}) and connect_timeout ({connect_timeout}) must be > 0"
+            )
+        host, port = parse_address(address)
+        self.address = address
+        self._handle: Any = _core.Client(
+            host, port, int(timeout * 1000), int(connect_timeout * 1000), max_idle_connections
+        )
+
+    @property
+    def _native(self) -> Any:
+        if self._handle is None:
+            raise KVPoolConnectionError(f"client for {self.address} is closed")
+        return self._handle
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> int:
+        """Stores ``blocks[i]`` under ``keys[i]``. Blocks are immutable: a key that exists is
+        left as it is. Returns how many of the keys the node holds after the call (newly
+        stored or already present); the rest were refused for lack of space."""
+        if len(keys) != len(blocks):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
+        views = [_as_buffer(b, writable=False) for b in blocks]
+        statuses = self._native.put(keys, views)
+        return sum(1 for s in statuses if s in (_STORED, _EXISTS))
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The blocks' bytes, ``None`` for keys the node does not hold."""
+        return list(self._native.get(keys))
+
+    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
+        """Reads ``keys[i]`` straight into ``buffers[i]`` (writable, C-contiguous, exactly the
+        block's size: a size mismatch reads as a miss and leaves the buffer untouched)."""
+        if len(keys) != len(buffers):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [_as_buffer(b, writable=True) for b in buffers]
+        return list(self._native.get_into(keys, views))
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return list(self._native.exists(keys))
+
+    def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys the node holds."""
+        return int(self._native.match_prefix(keys))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Removes keys; returns how many were present. Readers in flight finish first."""
+        return sum(self._native.delete(keys))
+
+    def stats(self) -> dict[str, Any]:
+        """The node's counters: capacity/used bytes, entries, hits, misses, evictions, ..."""
+        result: dict[str, Any] = json.loads(self._native.stats_json())
+        return result
+
+    def close(self) -> None:
+        """Closes every connection. The client is unusable afterwards."""
+        self._handle = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"kvpool.Client({self.address!r})"

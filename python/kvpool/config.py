@@ -1,0 +1,148 @@
+"""Typed configuration: defaults < TOML file < ``KVPOOL_*`` environment < CLI flags."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kvpool.errors import ConfigError
+
+__all__ = ["ServerConfig", "parse_size"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int, *, name: str = "size") -> int:
+    """``"4GiB"`` -> 4294967296. Decimal (kB, MB, GB) and binary (KiB, MiB, GiB) units."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}: size must be >= 0, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ConfigError(f"{name}: cannot parse size {value!r} (examples: 4GiB, 512MiB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+_SIZE_KEYS = ("memory", "max_frame_bytes", "max_block_bytes")
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "eviction": ("s3fifo", "lru"),
+    "hugepages": ("auto", "on", "off"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+@dataclass
+class ServerConfig:
+    """Settings of one storage node (``kvpool server``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7070
+    memory: int = 1 << 30
+    eviction: str = "s3fifo"
+    high_watermark: float = 0.95
+    hugepages: str = "auto"
+    max_batch_keys: int = 4096
+    max_frame_bytes: int = 1 << 30
+    max_block_bytes: int = 256 << 20
+    max_connections: int = 1024
+    io_timeout: float = 30.0
+    log_level: str = "info"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def update(self, values: Mapping[str, Any], *, source: str) -> ServerConfig:
+        """Applies ``values`` (from ``source``, named in errors); unknown keys are errors."""
+        known = {f.name: f for f in fields(self)}
+        for key, raw in values.items():
+            if raw is None:
+                continue
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+                )
+            setattr(self, key, self._coerce(key, known[key].type, raw, source))
+        self.validate()
+        return self
+
+    def _coerce(self, key: str, typ: Any, raw: Any, source: str) -> Any:
+        try:
+            if key in _SIZE_KEYS:
+                return parse_size(raw, name=f"{source}: {key}")
+            if typ in (int, "int"):
+                if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                    raise ValueError
+                return int(raw)
+            if typ in (float, "float"):
+                return float(raw)
+            value = str(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
+        choices = _CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}: {key} = {value!r}, expected one of {', '.join(choices)}")
+        return value
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is outside 0..65535")
+        if self.memory < 1 << 20:
+            raise ConfigError(f"memory {self.memory} is below the 1 MiB minimum")
+        if not 0.0 < self.high_watermark <= 1.0:
+            raise ConfigError(f"high_watermark {self.high_watermark} is not in (0, 1]")
+        for key in ("max_batch_keys", "max_frame_bytes", "max_block_bytes", "max_connections"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.io_timeout <= 0:
+            raise ConfigError(f"io_timeout must be > 0 seconds, got {self.io_timeout}")
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        file: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ServerConfig:
+        """Defaults, then ``file`` (TOML; keys at top level or under ``[server]``), then
+        ``KVPOOL_<KEY>`` variables from ``env`` (default ``os.environ``), then ``overrides``."""
+        config = cls()
+        env = os.environ if env is None else env
+        path = file or env.get("KVPOOL_CONFIG")
+        if path:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {str(path)!r} does not exist") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {str(path)!r}: {e}") from None
+            section = data.pop("server", None)
+            if isinstance(section, dict):
+                data.update(section)
+            config.update(data, source=f"config file {str(path)!r}")
+        from_env = {
+            name: env[f"KVPOOL_{name.upper()}"]
+            for name in cls.field_names()
+            if f"KVPOOL_{name.upper()}" in env
+        }
+        config.update(from_env, source="environment")
+        if overrides:
+            config.update(overrides, source="command line")
+        return config

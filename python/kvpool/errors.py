@@ -1,0 +1,101 @@
+"""The kvpool exception hierarchy, and the one place that maps core error codes onto it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Mirrors ``kvpool::ErrorCode`` in ``cpp/include/kvpool/status.h`` (wire values)."""
+
+    OK = 0
+    INVALID_ARGUMENT = 100
+    INTERNAL = 101
+    UNSUPPORTED = 102
+    NO_SPACE = 200
+    NOT_FOUND = 201
+    TOO_LARGE = 202
+    CONNECTION = 300
+    TIMEOUT = 301
+    CLOSED = 302
+    PROTOCOL = 400
+    BAD_MAGIC = 401
+    BAD_VERSION = 402
+    FRAME_TOO_LARGE = 403
+    BATCH_TOO_LARGE = 404
+    UNKNOWN_OP = 405
+    BAD_FRAME = 406
+    HANDSHAKE_REQUIRED = 407
+
+
+class KVPoolError(Exception):
+    """Base class of every error kvpool raises. ``code`` is the core's :class:`ErrorCode`."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(KVPoolError, ValueError):
+    """A value passed to kvpool is malformed; the message names it."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration source holds an unknown key or a bad value; the message names both."""
+
+
+class NoSpaceError(KVPoolError):
+    """The node could not make room (everything else pinned or reserved)."""
+
+    code = ErrorCode.NO_SPACE
+
+
+class TooLargeError(KVPoolError, ValueError):
+    """A block exceeds the node's ``max_block_bytes``."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class KVPoolConnectionError(KVPoolError, ConnectionError):
+    """The node is unreachable or the connection broke."""
+
+    code = ErrorCode.CONNECTION
+
+
+class KVPoolTimeoutError(KVPoolError, TimeoutError):
+    """A call passed its deadline."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class ProtocolError(KVPoolError):
+    """A peer sent something the protocol does not allow."""
+
+    code = ErrorCode.PROTOCOL
+
+
+_BY_CODE: dict[int, type[KVPoolError]] = {
+    ErrorCode.INVALID_ARGUMENT: InvalidArgumentError,
+    ErrorCode.NO_SPACE: NoSpaceError,
+    ErrorCode.TOO_LARGE: TooLargeError,
+    ErrorCode.CONNECTION: KVPoolConnectionError,
+    ErrorCode.CLOSED: KVPoolConnectionError,
+    ErrorCode.TIMEOUT: KVPoolTimeoutError,
+}
+
+
+def error_from_code(code: int, message: str) -> KVPoolError:
+    """Builds the exception for a core error code (called by the extension's translator)."""
+    try:
+        ec = ErrorCode(code)
+    except ValueError:
+        return KVPoolError(f"{message} (unknown error code {code})")
+    cls = _BY_CODE.get(ec)
+    if cls is None:
+        cls = ProtocolError if ec >= ErrorCode.PROTOCOL else KVPoolError
+    return cls(message, ec)

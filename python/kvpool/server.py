@@ -1,0 +1,113 @@
+"""The storage node launcher: config, logging and signals in Python, the data path in C++."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import TracebackType
+from typing import Any
+
+from kvpool import _core
+from kvpool.config import ServerConfig
+
+__all__ = ["LocalServer", "serve"]
+
+log = logging.getLogger(__name__)
+
+_CORE_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _core_options(config: ServerConfig) -> Any:
+    o = _core.ServerOptions()
+    o.host = config.host
+    o.port = config.port
+    o.capacity = config.memory
+    o.eviction = config.eviction
+    o.high_watermark = config.high_watermark
+    o.hugepages = config.hugepages
+    o.max_batch_keys = config.max_batch_keys
+    o.max_frame_bytes = config.max_frame_bytes
+    o.max_block_bytes = config.max_block_bytes
+    o.max_connections = config.max_connections
+    o.io_timeout_ms = max(1, int(config.io_timeout * 1000))
+    return o
+
+
+class LocalServer:
+    """A storage node running in this process (its I/O threads are C++ threads).
+
+    ``kvpool server`` wraps one of these; tests and ``kvpool local`` embed it directly::
+
+        with LocalServer(ServerConfig(port=0, memory=256 << 20)) as node:
+            client = kvpool.Client(node.address)
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.config.validate()
+        self._server: Any = _core.Server.start(_core_options(self.config))
+
+    @property
+    def port(self) -> int:
+        return int(self._server.port)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._server.stats_json())
+        return result
+
+    def stop(self) -> None:
+        """Disconnects every client (aborting their unfinished writes) and frees the pool."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
+    """Runs a node until SIGTERM or SIGINT; returns the process exit code."""
+    _core.set_log_level(_CORE_LEVELS[config.log_level])
+    # Block the stop signals before the core starts its threads, so they inherit the mask and the
+    # signals reach sigwait below instead of interrupting an I/O thread.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    node = LocalServer(config)
+    log.info(
+        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s)",
+        node.address,
+        config.memory,
+        config.eviction,
+        node.stats().get("hugepages"),
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        sig = signal.sigwait(stop_signals)
+        log.info("received %s, stopping", signal.Signals(sig).name)
+    finally:
+        stats = node.stats()
+        node.stop()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+    log.info(
+        "kvpool server stopped (entries=%d hits=%d misses=%d evictions=%d)",
+        stats["entries"],
+        stats["hits"],
+        stats["misses"],
+        stats["evictions"],
+    )
+    return 0

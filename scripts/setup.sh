@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything kvpool needs to build, test and benchmark, then builds it into .venv.
+# Idempotent: a second run only rebuilds what changed. System packages are listed here only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  g++ make pkg-config          # toolchain (cmake and ninja come from PyPI below)
+  libxxhash-dev                # block-key hashing (XXH3-128)
+  libgtest-dev                 # C++ unit tests
+  libbenchmark-dev             # C++ micro-benchmarks
+  redis-server                 # cluster metadata; benchmark peer
+  iperf3                       # benchmark: the loopback link's limit
+  iproute2                     # benchmark: private network namespace for Mooncake
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements/dev.txt
+echo "setup: building kvpool (editable)"
+.venv/bin/python -m pip install -q --no-build-isolation -Ceditable.rebuild=true -e .
+echo "setup: done"
