@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
+echo "== Lint and types"
+bash scripts/lint.sh
+
 echo "== C++ tests"
 .venv/bin/cmake -S . -B build/tests -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DKVPOOL_BUILD_TESTS=ON -DKVPOOL_BUILD_BENCH=ON -DKVPOOL_BUILD_PYTHON=OFF \

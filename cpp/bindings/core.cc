@@ -85,60 +85,68 @@ class BufferViews {
   std::vector<Py_buffer> views_;
 };
 
-/// Token ids as uint32: a buffer of 4- or 8-byte integers, or any sequence of ints.
+[[noreturn]] void BadToken(size_t i, long long v) {
+  throw StatusError{Invalid("token " + std::to_string(i) + " = " + std::to_string(v) +
+                            " is outside [0, 2**32)")};
+}
+
+/// Converts integers of type T to uint32 token ids, rejecting values outside [0, 2**32).
+template <typename T>
+void NarrowTokens(const T* in, size_t n, std::vector<uint32_t>* out) {
+  out->resize(n);
+  bool ok = true;
+  for (size_t i = 0; i < n; ++i) {  // branch-free so the compiler vectorises it
+    ok &= in[i] >= 0 && static_cast<uint64_t>(in[i]) <= 0xffffffffULL;
+    (*out)[i] = static_cast<uint32_t>(in[i]);
+  }
+  if (ok) return;
+  for (size_t i = 0; i < n; ++i) {
+    if (in[i] < 0 || static_cast<uint64_t>(in[i]) > 0xffffffffULL) BadToken(i, static_cast<long long>(in[i]));
+  }
+}
+
+/// Token ids as uint32: a 1-D buffer of 4- or 8-byte integers, or any sequence of ints.
 std::vector<uint32_t> ToTokens(const py::object& tokens) {
   std::vector<uint32_t> out;
-  auto check = [](long long v, size_t i) {
-    if (v < 0 || v > 0xffffffffLL) {
-      throw StatusError{Invalid("token " + std::to_string(i) + " = " + std::to_string(v) +
-                                " is outside [0, 2**32)")};
-    }
-    return static_cast<uint32_t>(v);
-  };
   if (PyObject_CheckBuffer(tokens.ptr())) {
     py::buffer_info info = py::reinterpret_borrow<py::buffer>(tokens).request();
     const bool contiguous = info.ndim == 1 && (info.strides.empty() || info.strides[0] == info.itemsize);
     const char f = info.format.empty() ? '?' : info.format.back();
-    const bool integral = std::strchr("bBhHiIlLqQ", f) != nullptr;
+    const bool integral = std::strchr("iIlLqQ", f) != nullptr;
     if (contiguous && integral && (info.itemsize == 4 || info.itemsize == 8)) {
-      out.resize(info.size);
-      const bool is_signed = std::islower(f);
-      for (py::ssize_t i = 0; i < info.size; ++i) {
-        if (info.itemsize == 4) {
-          const uint32_t u = static_cast<const uint32_t*>(info.ptr)[i];
-          out[i] = is_signed ? check(static_cast<int32_t>(u), i) : u;
-        } else {
-          const uint64_t u = static_cast<const uint64_t*>(info.ptr)[i];
-          out[i] = check(is_signed ? static_cast<long long>(u) : static_cast<long long>(std::min<uint64_t>(u, 1ULL << 40)), i);
-        }
-      }
+      const bool is_signed = std::islower(static_cast<unsigned char>(f));
+      const auto n = static_cast<size_t>(info.size);
+      if (info.itemsize == 4 && is_signed) NarrowTokens(static_cast<const int32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 4 && !is_signed) NarrowTokens(static_cast<const uint32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && is_signed) NarrowTokens(static_cast<const int64_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && !is_signed) NarrowTokens(static_cast<const uint64_t*>(info.ptr), n, &out);
       return out;
     }
   }
-  py::sequence seq = py::reinterpret_borrow<py::sequence>(tokens);
-  const size_t n = seq.size();
-  out.resize(n);
-  PyObject* fast = PySequence_Fast(tokens.ptr(), "token ids must be a sequence of ints");
+  PyObject* fast = PySequence_Fast(tokens.ptr(), "token ids must be a sequence of ints or an integer array");
   if (fast == nullptr) throw py::error_already_set();
+  py::object guard = py::reinterpret_steal<py::object>(fast);
+  const auto n = static_cast<size_t>(PySequence_Fast_GET_SIZE(fast));
   PyObject** items = PySequence_Fast_ITEMS(fast);
+  out.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const long long v = PyLong_AsLongLong(items[i]);
     if (v == -1 && PyErr_Occurred()) {
-      Py_DECREF(fast);
       PyErr_Clear();
       throw StatusError{Invalid("token " + std::to_string(i) + " is not an int")};
     }
-    out[i] = check(v, i);
+    if (v < 0 || v > 0xffffffffLL) BadToken(i, v);
+    out[i] = static_cast<uint32_t>(v);
   }
-  Py_DECREF(fast);
   return out;
 }
 
 py::list KeysToList(const std::vector<Key128>& keys) {
   py::list out(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
-    out[i] = py::reinterpret_steal<py::object>(
-        PyBytes_FromStringAndSize(reinterpret_cast<const char*>(keys[i].bytes.data()), 16));
+    PyObject* b = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(keys[i].bytes.data()), 16);
+    if (b == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), b);  // steals the reference
   }
   return out;
 }

@@ -20,8 +20,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="TCP port (default 7070; 0 picks a free one)")
     p.add_argument("--memory", help="pool size, e.g. 4GiB (default 1GiB)")
     p.add_argument("--eviction", choices=["s3fifo", "lru"], help="eviction policy (default s3fifo)")
-    p.add_argument("--high-watermark", type=float, dest="high_watermark",
-                   help="fraction of the pool kept in use at most (default 0.95)")
+    p.add_argument(
+        "--high-watermark",
+        type=float,
+        dest="high_watermark",
+        help="fraction of the pool kept in use at most (default 0.95)",
+    )
     p.add_argument("--hugepages", choices=["auto", "on", "off"], help="back the pool by hugepages")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
 
@@ -69,7 +73,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpool", description="Distributed KV-cache pool for LLM inference.")
+    parser = argparse.ArgumentParser(
+        prog="kvpool", description="Distributed KV-cache pool for LLM inference."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("server", help="run a storage node")
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("local", help="start a local node and run a demo workload against it")
     p.add_argument("--memory", default="512MiB", help="pool size of the local node")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens of the demo prompt")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens of the demo prompt")
     p.add_argument("--serve", action="store_true", help="keep serving after the demo until Ctrl-C")
     p.set_defaults(func=_cmd_local)
 

@@ -15,12 +15,14 @@ from kvpool.server import LocalServer
 log = logging.getLogger(__name__)
 
 # A block the size of one vLLM block of a small model: 16 tokens x 2 (K, V) x 8 layers x
-# 8 heads x 128 dims x 2 bytes = 512 KiB.
+# 4 heads x 128 dims x 2 bytes = 256 KiB.
 _BLOCK_TOKENS = 16
-_BLOCK_BYTES = 512 << 10
+_BLOCK_BYTES = 256 << 10
 
 
-def run_local(*, serve_forever: bool = False, memory: str = "512MiB", prompt_tokens: int = 32768) -> int:
+def run_local(
+    *, serve_forever: bool = False, memory: str = "512MiB", prompt_tokens: int = 16384
+) -> int:
     config = ServerConfig(port=0, memory=parse_size(memory, name="--memory"))
     with LocalServer(config) as node:
         print(f"kvpool local: node listening on {node.address} with {config.memory >> 20} MiB")
@@ -48,13 +50,18 @@ def _demo(client: Client, prompt_tokens: int) -> None:
         stored += client.put(keys_a[i : i + 32], payload[i : i + 32])
     put_s = time.perf_counter() - t
     mib = len(keys_a) * _BLOCK_BYTES / 2**20
-    print(f"engine A: stored {stored} blocks ({mib:.0f} MiB) in {put_s * 1e3:.0f} ms ({mib / put_s:.0f} MiB/s)")
+    print(
+        f"engine A: stored {stored} blocks ({mib:.0f} MiB) in {put_s * 1e3:.0f} ms "
+        f"({mib / put_s:.0f} MiB/s)"
+    )
 
     # Engine B sees the same prefix with a different suffix: every shared block is reusable.
     keys_b = block_keys(shared + [9] * 64, ns)
     hit = client.match_prefix(keys_b)
-    print(f"engine B: {hit} of {len(keys_b)} blocks already in kvpool "
-          f"({hit * _BLOCK_TOKENS} of {len(keys_b) * _BLOCK_TOKENS} tokens need no prefill)")
+    print(
+        f"engine B: {hit} of {len(keys_b)} blocks already in kvpool "
+        f"({hit * _BLOCK_TOKENS} of {len(keys_b) * _BLOCK_TOKENS} tokens need no prefill)"
+    )
     buffers = [bytearray(_BLOCK_BYTES) for _ in range(32)]
     t = time.perf_counter()
     loaded = 0
@@ -67,8 +74,15 @@ def _demo(client: Client, prompt_tokens: int) -> None:
                 raise SystemExit(f"block {i + j} came back with different bytes")
     get_s = time.perf_counter() - t
     mib = loaded * _BLOCK_BYTES / 2**20
-    print(f"engine B: loaded {loaded} blocks ({mib:.0f} MiB) in {get_s * 1e3:.0f} ms "
-          f"({mib / get_s:.0f} MiB/s), bytes verified")
+    print(
+        f"engine B: loaded {loaded} blocks ({mib:.0f} MiB) in {get_s * 1e3:.0f} ms "
+        f"({mib / get_s:.0f} MiB/s), bytes verified"
+    )
     stats = client.stats()
-    print("node: " + ", ".join(f"{k}={stats[k]}" for k in
-                               ("entries", "used_bytes", "capacity_bytes", "hits", "misses", "evictions")))
+    print(
+        "node: "
+        + ", ".join(
+            f"{k}={stats[k]}"
+            for k in ("entries", "used_bytes", "capacity_bytes", "hits", "misses", "evictions")
+        )
+    )

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Lint, type-check, and check that python/kvpool/_core.pyi matches the built extension.
+# `scripts/lint.sh --fix` rewrites formatting and regenerates the stub instead of failing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=.venv/bin
+fix=${1:-}
+
+stubs=$(mktemp -d)
+trap 'rm -rf "$stubs"' EXIT
+$V/pybind11-stubgen kvpool._core -o "$stubs" >/dev/null
+$V/ruff format -q "$stubs/kvpool/_core.pyi"
+if [ "$fix" = "--fix" ]; then
+  cp "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi
+  $V/ruff format -q python bench tests/python
+  $V/ruff check -q --fix python bench tests/python
+elif ! diff -q "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi >/dev/null; then
+  echo "lint: python/kvpool/_core.pyi is stale; run scripts/lint.sh --fix" >&2
+  diff -u python/kvpool/_core.pyi "$stubs/kvpool/_core.pyi" | head -40 >&2 || true
+  exit 1
+fi
+$V/ruff check python bench tests/python
+$V/ruff format --check -q python bench tests/python
+$V/mypy
+echo "lint: ok"
