@@ -98,6 +98,7 @@ class ClientConnection {
   // The frame whose reply is being read.
   net::Deadline deadline = net::Deadline::Never();
   size_t frame_keys = 0;
+  bool fresh = false;  // connected for this call, not taken from the idle pool
 
  private:
   net::Fd fd_;
@@ -158,14 +159,14 @@ std::string Client::address() const { return options_.host + ":" + std::to_strin
 
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   std::unique_ptr<Client> client(new Client(options));
-  auto conn = client->Acquire(options.timeout_ms);
+  auto conn = client->Acquire(/*allow_idle=*/false);
   if (!conn.ok()) return conn.status();
   client->Release(std::move(conn.value()));
   return client;
 }
 
-Result<std::unique_ptr<Connection>> Client::Acquire(uint64_t deadline_ms) {
-  {
+Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
+  if (allow_idle) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!idle_.empty()) {
       auto c = std::move(idle_.back());
@@ -173,13 +174,14 @@ Result<std::unique_ptr<Connection>> Client::Acquire(uint64_t deadline_ms) {
       return c;
     }
   }
-  const auto deadline = net::Deadline::In(std::chrono::milliseconds(
-      std::min<uint64_t>(deadline_ms, options_.connect_timeout_ms)));
+  const auto deadline =
+      net::Deadline::In(std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
   protocol::Limits limits;
   KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, &limits));
+  conn->fresh = true;
   std::lock_guard<std::mutex> lock(mu_);
   limits_ = limits;
   return conn;
@@ -191,11 +193,24 @@ void Client::Release(std::unique_ptr<Connection> conn) {
 }
 
 Status Client::WithConnection(const std::function<Status(Connection&)>& fn) {
-  auto conn = Acquire(options_.timeout_ms);
-  if (!conn.ok()) return conn.status();
-  Status s = fn(*conn.value());
-  if (s.ok()) Release(std::move(conn.value()));
-  return s;
+  for (bool allow_idle : {true, false}) {
+    auto conn = Acquire(allow_idle);
+    if (!conn.ok()) return conn.status();
+    Connection& c = *conn.value();
+    const bool fresh = c.fresh;
+    c.fresh = false;
+    Status s = fn(c);
+    if (s.ok()) {
+      Release(std::move(conn.value()));
+      return s;
+    }
+    // A pooled connection may have been closed by the node while idle (restart, idle reaping).
+    // Every operation is idempotent (blocks are immutable), so one retry on a fresh connection
+    // is safe; a fresh connection's failure is the node's answer.
+    const bool stale = s.code() == ErrorCode::kClosed || s.code() == ErrorCode::kConnection;
+    if (fresh || !stale) return s;
+  }
+  return Status(ErrorCode::kInternal, "unreachable");
 }
 
 Status Client::Put(std::span<const Key128> keys, std::span<const ConstBuffer> blocks,

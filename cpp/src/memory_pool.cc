@@ -13,6 +13,7 @@ namespace {
 
 constexpr uint32_t kNil = std::numeric_limits<uint32_t>::max();
 constexpr size_t kHugePage = size_t{2} << 20;
+constexpr int kMadvPopulateWrite = 23;  // MADV_POPULATE_WRITE (Linux 5.14); older kernels: EINVAL
 
 uint64_t ClassLowerBound(int c) {
   if (c < 16) return static_cast<uint64_t>(c);
@@ -30,8 +31,7 @@ Result<std::unique_ptr<MemoryPool>> MemoryPool::Create(size_t capacity, HugePage
                   "pool capacity " + std::to_string(capacity) + " exceeds 16 TiB");
   }
   const size_t bytes = granules * kGranule;
-  // Touch every page now: a cache node owns its memory from the start, and first-touch page faults
-  // would otherwise land on the data path.
+  // A cache node owns its memory from the start: pages are faulted in here, not on the data path.
   // No MAP_NORESERVE: hugetlb pages must be reserved at map time, or the first touch faults.
   const int base_flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE;
   void* p = MAP_FAILED;
@@ -49,12 +49,16 @@ Result<std::unique_ptr<MemoryPool>> MemoryPool::Create(size_t capacity, HugePage
   }
   if (!got_huge) {
     mapped = bytes;
-    p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, base_flags, -1, 0);
+    p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
       return Status(ErrorCode::kNoSpace, "could not map a pool of " + std::to_string(bytes) + " bytes");
     }
-    // Transparent hugepages where the kernel allows them: fewer TLB misses on large copies.
+    // Ask for transparent hugepages before the first touch (fewer TLB misses on large copies),
+    // then fault everything in now rather than on the data path.
     madvise(p, mapped, MADV_HUGEPAGE);
+    if (madvise(p, mapped, kMadvPopulateWrite) != 0) {
+      for (size_t off = 0; off < mapped; off += kGranule) static_cast<volatile uint8_t*>(p)[off] = 0;
+    }
   }
   KVPOOL_LOG(kInfo, "memory pool mapped", "bytes", bytes, "hugepages", got_huge);
   return std::unique_ptr<MemoryPool>(

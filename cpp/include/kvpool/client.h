@@ -38,7 +38,8 @@ struct MutableBuffer {
 };
 
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,
-/// so threads do not serialise on one socket. A batch larger than the node's limits is split into
+/// so threads do not serialise on one socket; a pooled connection found dead is replaced once,
+/// transparently, so a client survives a node restart. A batch larger than the node's limits is split into
 /// several frames that are pipelined on one connection. Any failure of a call closes the
 /// connection it used (the next call opens a fresh one), so a timed-out reply can never be
 /// mistaken for the answer to a later request.
@@ -71,7 +72,8 @@ class Client {
  private:
   using Connection = detail::ClientConnection;
   explicit Client(const ClientOptions& options);
-  Result<std::unique_ptr<Connection>> Acquire(uint64_t deadline_ms);
+  /// An idle pooled connection (when allowed and available) or a new one after HELLO.
+  Result<std::unique_ptr<Connection>> Acquire(bool allow_idle);
   void Release(std::unique_ptr<Connection> conn);
   /// Runs `fn` on a pooled connection; on error the connection is discarded, on success returned.
   Status WithConnection(const std::function<Status(Connection&)>& fn);
