@@ -25,6 +25,22 @@ namespace {
 
 constexpr size_t kScratchBytes = 256 << 10;
 
+/// A grow-only array of flags (std::vector<bool> packs bits and cannot back a span<bool>).
+class FlagBuffer {
+ public:
+  std::span<bool> Get(size_t n) {
+    if (n > capacity_) {
+      data_ = std::make_unique<bool[]>(n);
+      capacity_ = n;
+    }
+    return {data_.get(), n};
+  }
+
+ private:
+  std::unique_ptr<bool[]> data_;
+  size_t capacity_ = 0;
+};
+
 /// Serves one connection's frames in order. Buffers grow to the largest batch seen and are then
 /// reused, so a steady stream of requests allocates nothing.
 class FrameHandler {
@@ -182,13 +198,13 @@ class FrameHandler {
       store_.Abort(commit_res_);
       return s;
     }
-    committed_.reset(new bool[commit_res_.size() + 1]);
-    store_.Commit(commit_keys_, commit_res_, std::span<bool>(committed_.get(), commit_res_.size()));
+    const std::span<bool> committed = committed_.Get(commit_res_.size());
+    store_.Commit(commit_keys_, commit_res_, committed);
     size_t c = 0;
     for (size_t i = 0; i < n; ++i) {
       switch (results_[i]) {
         case PutResult::kReserved:
-          status_[i] = static_cast<uint8_t>(committed_[c++] ? protocol::PutStatus::kStored
+          status_[i] = static_cast<uint8_t>(committed[c++] ? protocol::PutStatus::kStored
                                                             : protocol::PutStatus::kExists);
           break;
         case PutResult::kExists: status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists); break;
@@ -210,9 +226,9 @@ class FrameHandler {
     const size_t n = h.count;
     KVPOOL_RETURN_IF_ERROR(ReadKeys(h));
     pinned_.resize(n);
-    found_.reset(new bool[n + 1]);
+    const std::span<bool> found = found_.Get(n);
     lengths_.resize(n);
-    store_.Pin(keys_, pinned_, std::span<bool>(found_.get(), n));
+    store_.Pin(keys_, pinned_, found);
     Header reply;
     reply.op = h.op;
     reply.request_id = h.request_id;
@@ -223,7 +239,7 @@ class FrameHandler {
     iov_.push_back({lengths_.data(), n * 8});
     unpin_.clear();
     for (size_t i = 0; i < n; ++i) {
-      if (!found_[i]) {
+      if (!found[i]) {
         lengths_[i] = protocol::kMissing;
         continue;
       }
@@ -247,8 +263,7 @@ class FrameHandler {
     if (h.op == Op::kMatchPrefix) {
       return Reply(h, static_cast<uint32_t>(store_.MatchPrefix(keys_)), nullptr, 0);
     }
-    found_.reset(new bool[n + 1]);
-    std::span<bool> flags(found_.get(), n);
+    const std::span<bool> flags = found_.Get(n);
     if (h.op == Op::kExists) {
       store_.Contains(keys_, flags);
     } else {
@@ -272,7 +287,7 @@ class FrameHandler {
   std::vector<PutResult> results_;
   std::vector<Reservation> reservations_, commit_res_;
   std::vector<PinnedBlock> pinned_, unpin_;
-  std::unique_ptr<bool[]> found_, committed_;
+  FlagBuffer found_, committed_;
   std::vector<iovec> iov_;
 };
 
