@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kvpool needs to build, test and benchmark, then builds it into .venv.
 # Idempotent: a second run only rebuilds what changed. System packages are listed here only.
+# `scripts/setup.sh --bench` also installs the benchmark peers (requirements/bench.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ APT_PACKAGES=(
   redis-server                 # cluster metadata; benchmark peer
   iperf3                       # benchmark: the loopback link's limit
   iproute2                     # benchmark: private network namespace for Mooncake
+  libibverbs1                  # benchmark: the Mooncake wheel links it even over TCP
 )
 
 missing=()
@@ -32,6 +34,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements/dev.txt
+if [ "${1:-}" = "--bench" ]; then
+  .venv/bin/python -m pip install -q -r requirements/bench.txt
+fi
+# Editable, rebuilt here rather than on every import (an import-time rebuild check costs seconds
+# per process, and tests start many). After changing C++, run this script again.
 echo "setup: building kvpool (editable)"
-.venv/bin/python -m pip install -q --no-build-isolation -Ceditable.rebuild=true -e .
+.venv/bin/python -m pip install -q --no-build-isolation -Ceditable.rebuild=false -e .
 echo "setup: done"

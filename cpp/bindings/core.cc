@@ -10,6 +10,7 @@
 #include "kvpool/client.h"
 #include "kvpool/hashing.h"
 #include "kvpool/logging.h"
+#include "kvpool/placement.h"
 #include "kvpool/server.h"
 
 namespace py = pybind11;
@@ -216,6 +217,24 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("fingerprint"), py::arg("tokens"), py::arg("block_tokens"));
 
+  m.def(
+      "rank_nodes",
+      [](const py::sequence& keys, const std::vector<std::string>& node_ids, const std::vector<double>& weights,
+         size_t k) {
+        if (node_ids.size() != weights.size()) throw StatusError{Invalid("node_ids and weights differ in length")};
+        const auto ks = ToKeys(keys);
+        std::vector<PlacementNode> nodes;
+        for (size_t i = 0; i < node_ids.size(); ++i) {
+          const auto* p = reinterpret_cast<const uint8_t*>(node_ids[i].data());
+          nodes.push_back({PlacementSeed({p, node_ids[i].size()}), weights[i]});
+        }
+        std::vector<std::vector<uint32_t>> out;
+        out.reserve(ks.size());
+        for (const Key128& key : ks) out.push_back(RankNodes(key, nodes, k));
+        return out;
+      },
+      py::arg("keys"), py::arg("node_ids"), py::arg("weights"), py::arg("k"));
+
   py::class_<ServerOptions>(m, "ServerOptions")
       .def(py::init<>())
       .def_readwrite("host", &ServerOptions::host)
@@ -243,6 +262,9 @@ PYBIND11_MODULE(_core, m) {
             else throw StatusError{Invalid("hugepages must be 'auto', 'on' or 'off', got '" + v + "'")};
           })
       .def_property(
+          "event_capacity", [](const ServerOptions& o) { return o.store.event_capacity; },
+          [](ServerOptions& o, size_t v) { o.store.event_capacity = v; })
+      .def_property(
           "max_batch_keys", [](const ServerOptions& o) { return o.limits.max_batch_keys; },
           [](ServerOptions& o, uint32_t v) { o.limits.max_batch_keys = v; })
       .def_property(
@@ -263,7 +285,35 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("port", &Server::port)
       .def_property_readonly("host", &Server::host)
       .def("stop", &Server::Stop, py::call_guard<py::gil_scoped_release>())
-      .def("stats_json", &Server::StatsJson, py::call_guard<py::gil_scoped_release>());
+      .def("stats_json", &Server::StatsJson, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "drain_events",
+          [](Server& server, size_t max) {
+            std::vector<BlockEvent> events;
+            uint64_t dropped = 0;
+            {
+              py::gil_scoped_release release;
+              server.store().DrainEvents(max, &events, &dropped);
+            }
+            // (records, events dropped by overflow); a record is the 16-byte key then 1 byte:
+            // 1 committed, 0 removed. Oldest first.
+            std::string records;
+            records.reserve(events.size() * 17);
+            for (const BlockEvent& e : events) {
+              records.append(reinterpret_cast<const char*>(e.key.bytes.data()), 16);
+              records.push_back(e.added ? 1 : 0);
+            }
+            return py::make_tuple(py::bytes(records), dropped);
+          },
+          py::arg("max"))
+      .def("snapshot_keys", [](Server& server) {
+        std::vector<Key128> keys;
+        {
+          py::gil_scoped_release release;
+          server.store().SnapshotKeys(&keys);
+        }
+        return py::bytes(reinterpret_cast<const char*>(keys.data()), keys.size() * sizeof(Key128));
+      });
 
   py::class_<Client>(m, "Client")
       .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms, uint32_t connect_timeout_ms,

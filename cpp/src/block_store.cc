@@ -1,5 +1,6 @@
 #include "kvpool/block_store.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "support/log.h"
@@ -34,6 +35,7 @@ BlockStore::BlockStore(const BlockStoreOptions& options, std::unique_ptr<MemoryP
   while (slots < 2 * max_entries) slots <<= 1;
   slots_.assign(slots, kEmptySlot);
   slot_mask_ = slots - 1;
+  events_.resize(options.event_capacity);
   stats_.capacity_bytes = pool_->capacity();
   stats_.high_watermark_bytes = high_watermark_bytes_;
 }
@@ -77,10 +79,32 @@ void BlockStore::ReleaseEntryLocked(uint32_t entry) {
   free_entries_.push_back(entry);
 }
 
+void BlockStore::RecordLocked(const Key128& key, bool added) {
+  if (events_.empty()) return;
+  if (event_count_ == events_.size()) {
+    event_head_ = (event_head_ + 1) % events_.size();  // drop the oldest
+    --event_count_;
+    ++events_dropped_;
+  }
+  events_[(event_head_ + event_count_) % events_.size()] = BlockEvent{key, added};
+  ++event_count_;
+}
+
+void BlockStore::DrainEvents(size_t max, std::vector<BlockEvent>* out, uint64_t* dropped) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t n = std::min(max, event_count_);
+  for (size_t i = 0; i < n; ++i) out->push_back(events_[(event_head_ + i) % events_.size()]);
+  if (n > 0) event_head_ = (event_head_ + n) % events_.size();
+  event_count_ -= n;
+  *dropped = events_dropped_;
+  events_dropped_ = 0;
+}
+
 bool BlockStore::EvictOneLocked() {
   const int64_t victim = policy_->PickVictim([this](uint32_t e) { return entries_[e].pins == 0; });
   if (victim < 0) return false;
   const auto v = static_cast<uint32_t>(victim);
+  RecordLocked(entries_[v].key, false);
   EraseLocked(entries_[v].key);
   ReleaseEntryLocked(v);
   ++stats_.evictions;
@@ -109,7 +133,10 @@ void BlockStore::Reserve(std::span<const Key128> keys, std::span<const uint64_t>
       ++stats_.existing;
       continue;
     }
-    if (sizes[i] > high_watermark_bytes_) {
+    // Compare what the block would occupy (whole granules), or a block just under the watermark
+    // could evict everything and still not fit.
+    const uint64_t granules = sizes[i] / MemoryPool::kGranule + (sizes[i] % MemoryPool::kGranule != 0);
+    if (granules > high_watermark_bytes_ / MemoryPool::kGranule) {
       results[i] = PutResult::kTooLarge;
       ++stats_.rejected;
       continue;
@@ -143,6 +170,7 @@ void BlockStore::Commit(std::span<const Key128> keys, std::span<const Reservatio
     free_entries_.pop_back();
     entries_[e] = Entry{keys[i], r.offset, r.size, 0, EntryState::kLive};
     InsertLocked(e);
+    RecordLocked(keys[i], true);
     policy_->OnInsert(e, keys[i].Low64(), pool_->RunBytes(r.offset));
     stored[i] = true;
     ++stats_.stored;
@@ -207,6 +235,7 @@ void BlockStore::Delete(std::span<const Key128> keys, std::span<bool> deleted) {
     if (found < 0) continue;
     const auto e = static_cast<uint32_t>(found);
     EraseLocked(keys[i]);
+    RecordLocked(keys[i], false);
     policy_->OnRemove(e);
     --stats_.entries;
     ++stats_.deletes;
@@ -215,6 +244,14 @@ void BlockStore::Delete(std::span<const Key128> keys, std::span<bool> deleted) {
     } else {
       ReleaseEntryLocked(e);
     }
+  }
+}
+
+void BlockStore::SnapshotKeys(std::vector<Key128>* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  out->reserve(out->size() + stats_.entries);
+  for (const uint32_t e : slots_) {
+    if (e != kEmptySlot) out->push_back(entries_[e].key);
   }
 }
 

@@ -99,6 +99,7 @@ class ClientConnection {
   net::Deadline deadline = net::Deadline::Never();
   size_t frame_keys = 0;
   bool fresh = false;  // connected for this call, not taken from the idle pool
+  protocol::Limits limits;  // as announced by this connection's HELLO
 
  private:
   net::Fd fd_;
@@ -130,7 +131,7 @@ std::vector<Range> Split(size_t n, size_t max_keys, uint64_t max_bytes, BytesOf 
     }
     bytes += b;
   }
-  if (n > begin || n == 0) out.push_back({begin, n});
+  if (n > begin) out.push_back({begin, n});  // an empty batch needs no frame at all
   return out;
 }
 
@@ -179,11 +180,10 @@ Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
-  protocol::Limits limits;
-  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, &limits));
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, &conn->limits));
   conn->fresh = true;
   std::lock_guard<std::mutex> lock(mu_);
-  limits_ = limits;
+  limits_ = conn->limits;
   return conn;
 }
 
@@ -222,14 +222,17 @@ Status Client::Put(std::span<const Key128> keys, std::span<const ConstBuffer> bl
   const auto deadline = net::Deadline::In(std::chrono::milliseconds(options_.timeout_ms));
   return WithConnection([&](Connection& c) -> Status {
     for (size_t i = 0; i < blocks.size(); ++i) {
-      if (blocks[i].size > limits_.max_block_bytes) {
+      if (blocks[i].size > c.limits.max_block_bytes ||
+          blocks[i].size + protocol::kPutEntryBytes > c.limits.max_frame_bytes) {
         return Status(ErrorCode::kTooLarge, "block " + std::to_string(i) + " of " +
                                                 std::to_string(blocks[i].size) +
                                                 " bytes exceeds the node's max_block_bytes " +
-                                                std::to_string(limits_.max_block_bytes));
+                                                std::to_string(c.limits.max_block_bytes) +
+                                                " or max_frame_bytes " +
+                                                std::to_string(c.limits.max_frame_bytes));
       }
     }
-    const auto frames = Split(keys.size(), limits_.max_batch_keys, limits_.max_frame_bytes,
+    const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
                               [&](size_t i) { return protocol::kPutEntryBytes + blocks[i].size; });
     // Each in-flight frame needs its own table; they live in one buffer indexed by key.
     c.table.resize(keys.size() * protocol::kPutEntryBytes);
@@ -315,7 +318,7 @@ Status Client::KeyRequest(Op op, std::span<const Key128> keys,
                                                      const protocol::Header&)>& on_reply) {
   const auto deadline = net::Deadline::In(std::chrono::milliseconds(options_.timeout_ms));
   return WithConnection([&](Connection& c) -> Status {
-    const auto frames = Split(keys.size(), limits_.max_batch_keys, limits_.max_frame_bytes,
+    const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
                               [](size_t) { return protocol::kKeyBytes; });
     auto send = [&](size_t f) -> Result<uint64_t> {
       const Range r = frames[f];

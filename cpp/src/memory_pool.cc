@@ -144,6 +144,13 @@ int64_t MemoryPool::Allocate(size_t size) {
         break;
       }
     }
+    // Last resort: a fitting run may sit deeper in the floor class, behind smaller ones.
+    for (uint32_t r = run == kNil ? class_head_[ClassFloor(want)] : kNil; r != kNil; r = next_[r]) {
+      if (head_len_[r] >= want) {
+        run = r;
+        break;
+      }
+    }
     if (run == kNil) return -1;
   }
   const uint32_t length = head_len_[run];

@@ -33,6 +33,7 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
   uint64_t expected = 0;
   switch (h.op) {
     case Op::kHello:
+      if (h.count != 0) return Status(ErrorCode::kBadFrame, "HELLO count must be 0, got " + std::to_string(h.count));
       if (h.body_bytes != kHelloRequestBytes) {
         return Status(ErrorCode::kBadFrame, "HELLO body must be " + std::to_string(kHelloRequestBytes) +
                                                 " bytes, got " + std::to_string(h.body_bytes));
@@ -47,6 +48,7 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
       }
       return Status::Ok();
     case Op::kStats:
+      if (h.count != 0) return Status(ErrorCode::kBadFrame, "STATS count must be 0, got " + std::to_string(h.count));
       expected = 0;
       break;
     default:

@@ -28,6 +28,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--hugepages", choices=["auto", "on", "off"], help="back the pool by hugepages")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--redis", help="Redis URL of the cluster metadata (enables membership)")
+    p.add_argument("--cluster", help="cluster name (default 'default')")
+    p.add_argument("--node-id", dest="node_id", help="node id (default: from the address)")
+    p.add_argument("--advertise", help="host:port clients reach this node at (default host:port)")
+    p.add_argument("--lease-ttl", dest="lease_ttl", type=float, help="seconds (default 3)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:

@@ -73,6 +73,13 @@ class ServerConfig:
     max_connections: int = 1024
     io_timeout: float = 30.0
     log_level: str = "info"
+    #: Cluster membership: the node joins ``cluster`` through the Redis at ``redis`` (URL with
+    #: password, user, TLS ``rediss://`` and database number as redis-py understands them).
+    redis: str = ""
+    cluster: str = "default"
+    node_id: str = ""  #: default: derived from the advertised address
+    advertise: str = ""  #: host:port clients use to reach this node; default host:port
+    lease_ttl: float = 3.0
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -103,6 +110,8 @@ class ServerConfig:
             if typ in (float, "float"):
                 return float(raw)
             value = str(raw)
+        except ConfigError:
+            raise
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
         choices = _CHOICES.get(key)
@@ -122,6 +131,10 @@ class ServerConfig:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.io_timeout <= 0:
             raise ConfigError(f"io_timeout must be > 0 seconds, got {self.io_timeout}")
+        if self.lease_ttl < 0.3:
+            raise ConfigError(f"lease_ttl must be >= 0.3 seconds, got {self.lease_ttl}")
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis = {self.redis!r} is not a redis://, rediss:// or unix:// URL")
 
     @classmethod
     def load(

@@ -6,6 +6,7 @@ same keys; ``tests/python/test_keys.py`` pins it with known answers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -63,7 +64,10 @@ class Namespace:
         """A copy with extra request-level salts (e.g. ``lora="name"``, ``cache_salt="..."``)."""
         merged = dict(self.salts)
         merged.update(salts)
-        return Namespace(**{**self.__dict__, "salts": merged})
+        return dataclasses.replace(self, salts=merged)
+
+    def __hash__(self) -> int:  # salts is a dict; the canonical bytes identify the namespace
+        return hash(self.canonical())
 
 
 def block_keys(token_ids: Sequence[int] | Any, namespace: Namespace) -> list[bytes]:

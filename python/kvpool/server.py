@@ -32,6 +32,8 @@ def _core_options(config: ServerConfig) -> Any:
     o.max_block_bytes = config.max_block_bytes
     o.max_connections = config.max_connections
     o.io_timeout_ms = max(1, int(config.io_timeout * 1000))
+    if config.redis:
+        o.event_capacity = 1 << 18  # drained every publish interval; overflow forces a resync
     return o
 
 
@@ -60,6 +62,11 @@ class LocalServer:
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self._server.stats_json())
         return result
+
+    @property
+    def core(self) -> Any:
+        """The extension's server handle (event ring, key snapshot) for the cluster agent."""
+        return self._server
 
     def stop(self) -> None:
         """Disconnects every client (aborting their unfinished writes) and frees the pool."""
@@ -94,12 +101,30 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
         config.eviction,
         node.stats().get("hugepages"),
     )
+    agent = None
+    if config.redis:
+        from kvpool.agent import ClusterAgent
+        from kvpool.metadata import node_id_for
+
+        advertise = config.advertise or node.address
+        agent = ClusterAgent(
+            node.core,
+            redis_url=config.redis,
+            cluster=config.cluster,
+            node_id=config.node_id or node_id_for(advertise),
+            address=advertise,
+            capacity=config.memory,
+            lease_ttl=config.lease_ttl,
+        )
+        agent.start()
     if ready is not None:
         ready.set()
     try:
         sig = signal.sigwait(stop_signals)
         log.info("received %s, stopping", signal.Signals(sig).name)
     finally:
+        if agent is not None:
+            agent.stop()
         stats = node.stats()
         node.stop()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)

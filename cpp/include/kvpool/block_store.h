@@ -21,6 +21,14 @@ struct BlockStoreOptions {
   EvictionKind eviction = EvictionKind::kS3Fifo;
   /// Reservations evict committed blocks so that allocated bytes stay <= this fraction of capacity.
   double high_watermark = 0.95;
+  /// Capacity of the commit/removal event ring drained by the metadata publisher; 0 = no events.
+  size_t event_capacity = 0;
+};
+
+/// A change of the set of committed keys, for the block-location index.
+struct BlockEvent {
+  Key128 key;
+  bool added = false;  ///< committed (true) or evicted/deleted (false)
 };
 
 /// Outcome of reserving room for one block.
@@ -80,6 +88,13 @@ class BlockStore {
   /// Removes keys; deleted[i] says whether it was present. Pinned blocks are freed at last Unpin.
   void Delete(std::span<const Key128> keys, std::span<bool> deleted);
 
+  /// Moves up to `max` pending events (oldest first) into `out`. When the ring overflowed since
+  /// the last drain, the oldest events were dropped and `*dropped` says how many.
+  void DrainEvents(size_t max, std::vector<BlockEvent>* out, uint64_t* dropped);
+
+  /// Appends every committed key (for a full re-publication of the location index).
+  void SnapshotKeys(std::vector<Key128>* out) const;
+
   BlockStoreStats Stats() const;
   const MemoryPool& pool() const { return *pool_; }
 
@@ -100,6 +115,7 @@ class BlockStore {
   void ReleaseEntryLocked(uint32_t entry);  // frees memory and the entry slot
   bool EvictOneLocked();
   int64_t AllocateLocked(size_t size);
+  void RecordLocked(const Key128& key, bool added);
 
   BlockStoreOptions options_;
   std::unique_ptr<MemoryPool> pool_;
@@ -111,6 +127,10 @@ class BlockStore {
   std::vector<uint32_t> slots_;  // open addressing, linear probing; kEmptySlot or entry index
   size_t slot_mask_;
   mutable BlockStoreStats stats_;
+  // Fixed-size ring of events; allocated once, so recording never allocates.
+  std::vector<BlockEvent> events_;
+  size_t event_head_ = 0, event_count_ = 0;
+  uint64_t events_dropped_ = 0;
 };
 
 }  // namespace kvpool

@@ -66,7 +66,11 @@ class Client {
   Status Delete(std::span<const Key128> keys, std::span<uint8_t> deleted);
   Result<std::string> StatsJson();
 
-  const protocol::Limits& limits() const { return limits_; }
+  /// The limits the node announced on the most recent connection.
+  protocol::Limits limits() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return limits_;
+  }
   std::string address() const;
 
  private:
@@ -85,7 +89,7 @@ class Client {
 
   ClientOptions options_;
   protocol::Limits limits_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::vector<std::unique_ptr<Connection>> idle_;
 };
 

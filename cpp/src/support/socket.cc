@@ -132,6 +132,7 @@ Result<Fd> Connect(const std::string& host, uint16_t port, Deadline deadline) {
 }
 
 Status RecvAllV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
+  Advance(iov, iovcnt, 0);  // a zero-length read must not be mistaken for the peer's EOF
   while (iovcnt > 0) {
     msghdr msg{};
     msg.msg_iov = iov;
@@ -165,6 +166,7 @@ Status Discard(int fd, size_t n, uint8_t* scratch, size_t scratch_bytes, Deadlin
 }
 
 Status SendAll(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
+  Advance(iov, iovcnt, 0);
   while (iovcnt > 0) {
     msghdr msg{};
     msg.msg_iov = iov;

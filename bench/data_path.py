@@ -1,0 +1,1055 @@
+#!/usr/bin/env python3
+"""End-to-end data-path benchmark: kvpool against the loopback link and its peers, in one run.
+
+Measures, on 127.0.0.1 only:
+
+- iperf3, one TCP stream over loopback: the link's limit, the denominator of every ratio;
+- memcpy, one thread, cold buffers (numpy copies of the same blocks): the other physical limit;
+- kvpool: a real ``kvpool server`` process; ``Client.put`` and zero-copy ``Client.get_into``;
+- Redis 7 through redis-py + hiredis: pipelined SET / GET of the same blocks;
+- Mooncake Store over TCP (when ``mooncake-transfer-engine-non-cuda`` imports): master, HTTP
+  metadata server and a storage process, a client with registered buffers calling
+  ``batch_put_from`` / ``batch_get_into``. Mooncake listens on all addresses whatever it is told,
+  so that part runs in a child of this script inside a private network namespace
+  (``unshare -n``, loopback only) and hands its results back as JSON.
+
+Every cell (system, PUT/GET, block size, client threads) moves batches of ``--batch`` blocks:
+one warm-up round, then ``--rounds`` measured rounds; throughput is the median round, latency
+percentiles pool the batches of all measured rounds. PUTs write fresh keys every round (the
+round's keys are deleted afterwards, untimed); GETs read a working set written beforehand. After
+each round one block per thread is compared byte for byte, so a broken path cannot report a
+fast number. Each client thread has its own connection (its own ``kvpool.Client`` / Redis
+connection); Mooncake's threads share one store client, the way it is meant to be used.
+
+Usage:  python bench/data_path.py [--quick] [--sizes 64KiB,256KiB,2MiB] [--threads 1,4]
+Results: a table on stdout, progress on stderr, everything in bench/results/data_path.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from _util import (
+    LatencyStats,
+    ProcessSet,
+    ServiceError,
+    format_size,
+    free_port,
+    install_interrupt_handlers,
+    log,
+    median,
+    wait_for_port,
+)
+
+HOST = "127.0.0.1"
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_JSON = BENCH_DIR / "results" / "data_path.json"
+SYSTEMS = ("kvpool", "redis", "mooncake")
+OPS = ("PUT", "GET")
+SOURCE_BYTES = 256 << 20  # random block contents, larger than any cache
+DEST_BYTES = 64 << 20  # per client thread: where GETs land
+MOONCAKE_LOCAL_BUFFER = 512 << 20
+MOONCAKE_NOISE = r"^([IWE]\d{4} |WARNING: Logging before InitGoogleLogging)"
+
+
+class BenchError(RuntimeError):
+    """A system answered wrongly (miss, short write, corrupt bytes): its numbers are void."""
+
+
+# --------------------------------------------------------------------------------------------
+# Plan and data
+
+
+@dataclass(frozen=True)
+class Plan:
+    sizes: tuple[int, ...]
+    threads: tuple[int, ...]
+    batch: int
+    rounds: int
+    round_bytes: int  # moved per measured round (all threads together)
+    min_batches: int  # per round, so large blocks still give latency samples
+    working_set_bytes: int  # what GETs read from, per block size
+    iperf_seconds: int
+    kvpool_memory: str
+    mooncake_segment: int
+    mooncake_warmup_bytes: int
+
+    def batches_per_thread(self, size: int, threads: int) -> int:
+        total = max(self.min_batches, math.ceil(self.round_bytes / (size * self.batch)))
+        return max(1, math.ceil(total / threads))
+
+    def working_set_blocks(self, size: int) -> int:
+        return max(self.batch, self.working_set_bytes // size)
+
+
+class Data:
+    """Block contents (one random arena, read-only) and per-thread destination arenas."""
+
+    def __init__(self, max_threads: int, max_batch_bytes: int) -> None:
+        rng = np.random.default_rng(0x6B7670)
+        self.source = np.frombuffer(rng.bytes(SOURCE_BYTES), dtype=np.uint8)
+        dest_bytes = max(DEST_BYTES, 2 * max_batch_bytes)
+        self.dests = [np.empty(dest_bytes, dtype=np.uint8) for _ in range(max_threads)]
+        for d in self.dests:
+            d.fill(0x5A)  # fault every page in now, not inside a timed round
+
+    def block(self, size: int, g: int) -> np.ndarray:
+        """Contents of block number ``g`` (any integer) of ``size`` bytes."""
+        slots = SOURCE_BYTES // size
+        off = (g % slots) * size
+        return self.source[off : off + size]
+
+    def scratch(self, size: int) -> np.ndarray:
+        """A zeroed buffer for untimed read-backs (inside a registered arena, for Mooncake)."""
+        buf = self.dests[0][:size]
+        buf.fill(0)
+        return buf
+
+    def dest_batch(
+        self, thread: int, size: int, batch: int, b: int, *, final: bool = False
+    ) -> list[np.ndarray]:
+        """Destination buffers for batch ``b`` of a thread. Batches cycle through the thread's
+        arena; a round's ``final`` batch (the one checked) has a slot of its own, so stale
+        bytes from an earlier batch can never pass for its result."""
+        arena = self.dests[thread]
+        span = size * batch
+        slots = arena.nbytes // span
+        off = (slots - 1 if final else b % (slots - 1)) * span
+        return [arena[off + i * size : off + (i + 1) * size] for i in range(batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# Systems under test
+
+
+class Conn(Protocol):
+    """One client thread's handle on a system. ``prepare`` does everything that is not data
+    movement (argument lists, pointers) outside the timed region."""
+
+    def prepare(self, keys: list[Any], buffers: list[np.ndarray]) -> Any: ...
+
+    def put(self, prepared: Any) -> None: ...
+
+    def get(self, prepared: Any) -> Sequence[Any]:
+        """Reads the batch; returns each block's bytes (the destination buffers when the
+        system reads in place)."""
+        ...
+
+    def delete(self, keys: list[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class System(Protocol):
+    name: str
+    note: str
+
+    def key(self, tag: str, i: int) -> Any: ...
+
+    def connect(self) -> Conn: ...
+
+
+def _check_all(what: str, results: Sequence[Any], ok: Callable[[Any], bool]) -> None:
+    bad = [i for i, r in enumerate(results) if not ok(r)]
+    if bad:
+        raise BenchError(
+            f"{what}: {len(bad)}/{len(results)} failed (first #{bad[0]}: {results[bad[0]]!r:.80})"
+        )
+
+
+class KVPoolConn:
+    def __init__(self, address: str) -> None:
+        import kvpool
+
+        self._client = kvpool.Client(address, timeout=60.0)
+
+    def prepare(self, keys: list[Any], buffers: list[np.ndarray]) -> Any:
+        return keys, buffers
+
+    def put(self, prepared: Any) -> None:
+        keys, blocks = prepared
+        held = self._client.put(keys, blocks)
+        if held != len(keys):
+            raise BenchError(f"kvpool put held {held} of {len(keys)} blocks")
+
+    def get(self, prepared: Any) -> Sequence[Any]:
+        keys, dests = prepared
+        _check_all("kvpool get_into", self._client.get_into(keys, dests), bool)
+        return dests  # type: ignore[no-any-return]
+
+    def delete(self, keys: list[Any]) -> None:
+        self._client.delete(keys)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class KVPoolSystem:
+    name = "kvpool"
+    note = "kvpool server process; one kvpool.Client per thread; put() and get_into()"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def key(self, tag: str, i: int) -> Any:
+        return hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest()
+
+    def connect(self) -> Conn:
+        return KVPoolConn(self.address)
+
+
+class RedisConn:
+    def __init__(self, port: int) -> None:
+        import redis
+
+        self._r = redis.Redis(host=HOST, port=port, socket_timeout=60.0)
+
+    def prepare(self, keys: list[Any], buffers: list[np.ndarray]) -> Any:
+        # bytes made here, untimed: redis-py + hiredis would otherwise copy each view into a new
+        # bytes object inside the timed call. This favours Redis; the ratios stay conservative.
+        return keys, [b.tobytes() for b in buffers], buffers[0].nbytes
+
+    def put(self, prepared: Any) -> None:
+        keys, views, _ = prepared
+        pipe = self._r.pipeline(transaction=False)
+        for k, v in zip(keys, views, strict=True):
+            pipe.set(k, v)
+        _check_all("redis SET", pipe.execute(), lambda r: r is True)
+
+    def get(self, prepared: Any) -> Sequence[Any]:
+        keys, _, size = prepared
+        pipe = self._r.pipeline(transaction=False)
+        for k in keys:
+            pipe.get(k)
+        values: list[Any] = pipe.execute()
+        _check_all("redis GET", values, lambda v: isinstance(v, bytes) and len(v) == size)
+        return values
+
+    def delete(self, keys: list[Any]) -> None:
+        self._r.delete(*keys)
+
+    def close(self) -> None:
+        self._r.close()
+
+
+class RedisSystem:
+    name = "redis"
+    note = (
+        "redis-server 7, --save '' --appendonly no; redis-py + hiredis, one connection per "
+        "thread, pipelined SET/GET; SET values are bytes objects made outside the timed region; "
+        "GET returns bytes objects (no copy into destination buffers)"
+    )
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def key(self, tag: str, i: int) -> Any:
+        return f"{tag}/{i}".encode()
+
+    def connect(self) -> Conn:
+        return RedisConn(self.port)
+
+
+class MooncakeConn:
+    """Threads share the process's one store client (it is thread-safe)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def prepare(self, keys: list[Any], buffers: list[np.ndarray]) -> Any:
+        return keys, [b.ctypes.data for b in buffers], [b.nbytes for b in buffers], buffers
+
+    def put(self, prepared: Any) -> None:
+        keys, ptrs, sizes, _ = prepared
+        _check_all(
+            "mooncake batch_put_from",
+            self._store.batch_put_from(keys, ptrs, sizes),
+            lambda rc: rc == 0,
+        )
+
+    def get(self, prepared: Any) -> Sequence[Any]:
+        keys, ptrs, sizes, dests = prepared
+        got = self._store.batch_get_into(keys, ptrs, sizes)
+        _check_all("mooncake batch_get_into", got, lambda n: n == sizes[0])
+        return dests  # type: ignore[no-any-return]
+
+    def delete(self, keys: list[Any]) -> None:
+        self._store.batch_remove(keys, True)
+
+    def close(self) -> None:
+        pass
+
+
+class MooncakeSystem:
+    name = "mooncake"
+    note = (
+        "Mooncake Store over TCP in a private network namespace: mooncake_master, HTTP metadata "
+        "server, separate storage process (2 GiB segment); client with 0 global segment and "
+        "512 MiB local buffer, registered buffers, batch_put_from / batch_get_into; threads "
+        "share the one store client"
+    )
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def key(self, tag: str, i: int) -> Any:
+        return f"{tag}/{i}"
+
+    def connect(self) -> Conn:
+        return MooncakeConn(self.store)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+
+@dataclass
+class Cell:
+    op: str
+    threads: int
+    block_bytes: int
+    batch: int
+    batches_per_round: int
+    bytes_per_round: int
+    gbps: float  # median of rounds, GB = 1e9 bytes
+    rounds_gbps: list[float]
+    latency: LatencyStats
+    verified_blocks: int
+
+
+@dataclass
+class SystemResult:
+    available: bool
+    note: str = ""
+    reason: str = ""
+    cells: list[Cell] = field(default_factory=list)
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _verify(what: str, got: Any, expected: np.ndarray) -> None:
+    actual = np.frombuffer(got, dtype=np.uint8)
+    if actual.nbytes != expected.nbytes or not np.array_equal(actual, expected):
+        raise BenchError(f"{what}: block differs from what was written")
+
+
+class Runner:
+    def __init__(self, system: System, plan: Plan, data: Data, nonce: str) -> None:
+        self.system = system
+        self.plan = plan
+        self.data = data
+        self.nonce = nonce
+        self.conns = [system.connect() for _ in range(max(plan.threads))]
+        self.rng = np.random.default_rng()
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+
+    def _delete(self, keys: list[Any]) -> None:
+        for chunk in _chunks(keys, 256):
+            self.conns[0].delete(chunk)
+
+    def put_blocks(self, tag: str, size: int, count: int) -> list[Any]:
+        """Untimed bulk write of blocks 0..count-1 (contents ``data.block(size, i)``)."""
+        keys = [self.system.key(tag, i) for i in range(count)]
+        for start in range(0, count, self.plan.batch):
+            ks = keys[start : start + self.plan.batch]
+            blocks = [self.data.block(size, start + i) for i in range(len(ks))]
+            self.conns[0].put(self.conns[0].prepare(ks, blocks))
+        return keys
+
+    def _round(
+        self, op: str, size: int, threads: int, nb: int, r: int, ws_keys: list[Any]
+    ) -> tuple[float, list[float], int]:
+        data, batch = self.data, self.plan.batch
+        # Everything but the data movement is prepared here, outside the timed region.
+        work: list[list[Any]] = []
+        expect: list[list[list[np.ndarray]]] = []  # [thread][batch][block]
+        round_keys: list[Any] = []
+        for t in range(threads):
+            conn = self.conns[t]
+            batches: list[Any] = []
+            expected: list[list[np.ndarray]] = []
+            if op == "PUT":
+                tag = f"{self.nonce}/put/{size}/{threads}/{r}/{t}"
+                for b in range(nb):
+                    gs = [(t * nb + b) * batch + i for i in range(batch)]
+                    keys = [self.system.key(tag, g) for g in gs]
+                    blocks = [data.block(size, g) for g in gs]
+                    round_keys.extend(keys)
+                    batches.append(conn.prepare(keys, blocks))
+                    expected.append(blocks)
+            else:
+                n_ws = len(ws_keys)
+                first = t * n_ws // threads + r * batch
+                for b in range(nb):
+                    ws = [(first + b * batch + i) % n_ws for i in range(batch)]
+                    dests = data.dest_batch(t, size, batch, b, final=b == nb - 1)
+                    batches.append(conn.prepare([ws_keys[w] for w in ws], dests))
+                    expected.append([data.block(size, w) for w in ws])
+                # The checked batch must really be written by this round's GET.
+                for d in data.dest_batch(t, size, batch, nb - 1, final=True):
+                    d.fill(0)
+            work.append(batches)
+            expect.append(expected)
+
+        barrier = threading.Barrier(threads)
+        spans: list[tuple[float, float]] = [(0.0, 0.0)] * threads
+        lat: list[list[float]] = [[] for _ in range(threads)]
+        last: list[Sequence[Any]] = [[] for _ in range(threads)]
+        errors: list[BaseException] = []
+
+        def worker(t: int) -> None:
+            conn, mine, times = self.conns[t], work[t], lat[t]
+            try:
+                barrier.wait()
+                start = time.perf_counter()
+                result: Sequence[Any] = []
+                for prepared in mine:
+                    t0 = time.perf_counter()
+                    if op == "PUT":
+                        conn.put(prepared)
+                    else:
+                        result = conn.get(prepared)
+                    times.append(time.perf_counter() - t0)
+                spans[t] = (start, time.perf_counter())
+                last[t] = result
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+                barrier.abort()
+
+        pool = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        if errors:
+            raise errors[0]
+        wall = max(e for _, e in spans) - min(s for s, _ in spans)
+        gbps = threads * nb * batch * size / wall / 1e9
+
+        # One block per thread, byte for byte, from the round's last batch.
+        for t in range(threads):
+            i = int(self.rng.integers(batch))
+            if op == "PUT":
+                key = self.system.key(
+                    f"{self.nonce}/put/{size}/{threads}/{r}/{t}", (t * nb + nb - 1) * batch + i
+                )
+                scratch = [data.scratch(size)]
+                got = self.conns[0].get(self.conns[0].prepare([key], scratch))[0]
+                _verify(f"{self.system.name} PUT read-back", got, expect[t][-1][i])
+            else:
+                _verify(f"{self.system.name} GET", last[t][i], expect[t][-1][i])
+        if round_keys:
+            self._delete(round_keys)
+        return gbps, [x for ts in lat for x in ts], threads
+
+    def cell(self, op: str, size: int, threads: int, ws_keys: list[Any]) -> Cell:
+        plan = self.plan
+        nb = plan.batches_per_thread(size, threads)
+        rounds: list[float] = []
+        lats: list[float] = []
+        verified = 0
+        for r in range(-1, plan.rounds):  # round -1 warms up
+            gbps, lat, checked = self._round(op, size, threads, nb, r, ws_keys)
+            verified += checked
+            if r >= 0:
+                rounds.append(gbps)
+                lats.extend(lat)
+        cell = Cell(
+            op=op,
+            threads=threads,
+            block_bytes=size,
+            batch=plan.batch,
+            batches_per_round=nb * threads,
+            bytes_per_round=nb * threads * plan.batch * size,
+            gbps=median(rounds),
+            rounds_gbps=rounds,
+            latency=LatencyStats.of(lats),
+            verified_blocks=verified,
+        )
+        log(
+            f"  {self.system.name:8} {op} {format_size(size):>6} x{threads}: "
+            f"{cell.gbps:6.2f} GB/s (rounds {', '.join(f'{g:.2f}' for g in rounds)}), "
+            f"p50 {cell.latency.p50_ms:.2f} ms, p99 {cell.latency.p99_ms:.2f} ms"
+        )
+        return cell
+
+    def run_all(self) -> list[Cell]:
+        cells: list[Cell] = []
+        for size in self.plan.sizes:
+            for threads in self.plan.threads:
+                cells.append(self.cell("PUT", size, threads, []))
+            n_ws = self.plan.working_set_blocks(size)
+            ws_keys = self.put_blocks(f"{self.nonce}/ws/{size}", size, n_ws)
+            probe = self.conns[0].get(
+                self.conns[0].prepare([ws_keys[-1]], [self.data.scratch(size)])
+            )[0]
+            _verify(f"{self.system.name} working set", probe, self.data.block(size, n_ws - 1))
+            for threads in self.plan.threads:
+                cells.append(self.cell("GET", size, threads, ws_keys))
+            self._delete(ws_keys)
+        return cells
+
+
+def measure(system: System, plan: Plan, data: Data, nonce: str) -> SystemResult:
+    runner = Runner(system, plan, data, nonce)
+    try:
+        return SystemResult(available=True, note=system.note, cells=runner.run_all())
+    finally:
+        runner.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Physical references
+
+
+def run_iperf3(seconds: int) -> dict[str, Any]:
+    try:
+        return _run_iperf3(seconds)
+    except (ServiceError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+
+
+def _run_iperf3(seconds: int) -> dict[str, Any]:
+    exe = shutil.which("iperf3")
+    if exe is None:
+        return {"available": False, "reason": "iperf3 not on PATH (apt-get install iperf3)"}
+    port = free_port()
+    with ProcessSet() as procs:
+        server = procs.start(
+            "iperf3 -s", [exe, "-s", "-1", "-p", str(port), "-B", HOST, "--forceflush"]
+        )
+        server.wait_for_line(r"Server listening on", timeout=10)
+        out = subprocess.run(
+            [exe, "-c", HOST, "-p", str(port), "-t", str(seconds), "-J"],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise ServiceError(f"iperf3 -c failed ({out.returncode}): {out.stdout[-500:]}")
+        bps = float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"])
+    return {"available": True, "gbps": bps / 8e9, "bits_per_second": bps, "seconds": seconds}
+
+
+def combine_iperf(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    runs = [r for r in (first, last) if r.get("available")]
+    if not runs:
+        return first
+    return {
+        "available": True,
+        "gbps": max(r["gbps"] for r in runs),
+        "runs_gbps": [r["gbps"] for r in runs],
+        "seconds": runs[0]["seconds"],
+        "command": "iperf3 -c 127.0.0.1 -t SECONDS -J against iperf3 -s -1 -B 127.0.0.1",
+    }
+
+
+def run_memcpy(plan: Plan, data: Data) -> dict[str, Any]:
+    """One thread copying blocks between two arenas that dwarf the caches."""
+    dst = np.empty(SOURCE_BYTES, dtype=np.uint8)
+    dst.fill(0)
+    out: dict[str, Any] = {}
+    for size in plan.sizes:
+        n = plan.batches_per_thread(size, 1) * plan.batch
+        slots = SOURCE_BYTES // size
+        rounds = []
+        for r in range(-1, plan.rounds):
+            shift = (r + 1) * 7919  # source and destination walk out of step
+            pairs = [
+                (dst[(j % slots) * size : (j % slots + 1) * size], data.block(size, j + shift))
+                for j in range(n)
+            ]
+            t0 = time.perf_counter()
+            for d, s in pairs:
+                np.copyto(d, s)
+            wall = time.perf_counter() - t0
+            if not np.array_equal(pairs[-1][0], pairs[-1][1]):
+                raise BenchError("memcpy copied wrong bytes")
+            if r >= 0:
+                rounds.append(n * size / wall / 1e9)
+        out[str(size)] = {"gbps": median(rounds), "rounds_gbps": rounds}
+        log(f"  memcpy   {format_size(size):>6}: {median(rounds):6.2f} GB/s")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# kvpool and Redis (in this process)
+
+
+def bench_kvpool(plan: Plan, data: Data, nonce: str) -> SystemResult:
+    argv = [
+        sys.executable,
+        "-m",
+        "kvpool",
+        "server",
+        "--port",
+        "0",
+        "--memory",
+        plan.kvpool_memory,
+        "--log-level",
+        "info",
+    ]
+    with ProcessSet() as procs:
+        server = procs.start("kvpool server", argv)
+        m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
+        address = f"{m.group(1)}:{m.group(2)}"
+        log(f"kvpool server pid {server.pid} on {address} ({plan.kvpool_memory})")
+        result = measure(KVPoolSystem(address), plan, data, nonce)
+        server.check_alive()
+        return result
+
+
+def bench_redis(plan: Plan, data: Data, nonce: str) -> SystemResult:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return SystemResult(False, reason="redis-server not on PATH (apt-get install redis-server)")
+    try:
+        import redis
+        import redis.utils
+    except ImportError as e:
+        return SystemResult(False, reason=f"redis-py missing: {e}")
+    if not redis.utils.HIREDIS_AVAILABLE:
+        return SystemResult(False, reason="hiredis is not installed (pip install hiredis)")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", HOST]
+    with ProcessSet() as procs:
+        server = procs.start("redis-server", argv)
+        server.wait_for_line(r"Ready to accept connections", timeout=30)
+        log(f"redis-server pid {server.pid} on {HOST}:{port}")
+        result = measure(RedisSystem(port), plan, data, nonce)
+        server.check_alive()
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Mooncake (child process inside a private network namespace)
+
+
+def mooncake_env() -> dict[str, str]:
+    # The transfer engine binds to the first non-loopback address unless told otherwise; glog
+    # would print every INFO line to our stderr.
+    return {"MC_TCP_BIND_ADDRESS": HOST, "GLOG_minloglevel": "1"}
+
+
+def mooncake_dir() -> Path:
+    spec = importlib.util.find_spec("mooncake")
+    if spec is None or spec.origin is None:
+        raise ServiceError("mooncake is not installed (pip install -r requirements/bench.txt)")
+    return Path(spec.origin).parent
+
+
+def run_mooncake_storage(args: argparse.Namespace) -> int:
+    """--mooncake-storage: holds the store's memory in its own process until SIGTERM."""
+    install_interrupt_handlers()
+    os.environ.update(mooncake_env())
+    from mooncake.store import MooncakeDistributedStore
+
+    store = MooncakeDistributedStore()
+    rc = store.setup(HOST, args.mc_metadata, args.mc_segment, 16 << 20, "tcp", "", args.mc_master)
+    if rc != 0:
+        print(f"mooncake storage setup failed: {rc}", flush=True)
+        return 1
+    print("mooncake storage ready", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def run_mooncake_only(args: argparse.Namespace, plan: Plan) -> int:
+    """--mooncake-only: runs inside ``unshare -n``; writes a SystemResult to --json-out."""
+    install_interrupt_handlers()
+    out = Path(args.json_out)
+    try:
+        result = _mooncake_in_netns(args, plan)
+    except (ServiceError, BenchError, ImportError, OSError, subprocess.CalledProcessError) as e:
+        hint = " (the wheel needs libibverbs1: apt-get install libibverbs1)"
+        result = SystemResult(
+            False, reason=f"{type(e).__name__}: {e}" + (hint if "libibverbs" in str(e) else "")
+        )
+    out.write_text(json.dumps({"mooncake": asdict(result)}, indent=1))
+    return 0
+
+
+def _mooncake_in_netns(args: argparse.Namespace, plan: Plan) -> SystemResult:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    os.environ.update(mooncake_env())
+    mc = mooncake_dir()
+    from mooncake.store import MooncakeDistributedStore
+
+    rpc, metrics, meta = free_port(), free_port(), free_port()
+    master_addr, meta_url = f"{HOST}:{rpc}", f"http://{HOST}:{meta}/metadata"
+    data = Data(max(plan.threads), max(plan.sizes) * plan.batch)
+    with ProcessSet() as procs:
+        master_argv = [str(mc / "mooncake_master"), f"--rpc_address={HOST}", f"--rpc_port={rpc}"]
+        master_argv += [f"--metrics_host={HOST}", f"--metrics_port={metrics}"]
+        master = procs.start("mooncake_master", [*master_argv, "--enable_metric_reporting=false"])
+        meta_argv = [sys.executable, "-m", "mooncake.http_metadata_server"]
+        metadata = procs.start(
+            "mooncake metadata", [*meta_argv, "--host", HOST, "--port", str(meta)]
+        )
+        wait_for_port(HOST, rpc, 30, service=master)
+        wait_for_port(HOST, meta, 30, service=metadata)
+        storage_argv = [sys.executable, str(Path(__file__).resolve()), "--mooncake-storage"]
+        storage_argv += ["--mc-master", master_addr, "--mc-metadata", meta_url]
+        storage_argv += ["--mc-segment", str(plan.mooncake_segment)]
+        storage = procs.start("mooncake storage", storage_argv, env=mooncake_env())
+        storage.wait_for_line(r"mooncake storage ready", timeout=60)
+        log(
+            f"mooncake master pid {master.pid}, metadata pid {metadata.pid}, "
+            f"storage pid {storage.pid} ({format_size(plan.mooncake_segment)} segment)"
+        )
+
+        store = MooncakeDistributedStore()
+        rc = store.setup(HOST, meta_url, 0, MOONCAKE_LOCAL_BUFFER, "tcp", "", master_addr)
+        if rc != 0:
+            raise ServiceError(f"mooncake client setup returned {rc}")
+        for arr in [data.source, *data.dests]:
+            rc = store.register_buffer(arr.ctypes.data, arr.nbytes)
+            if rc != 0:
+                raise ServiceError(f"mooncake register_buffer returned {rc}")
+        system = MooncakeSystem(store)
+        # Fresh segment memory is slow on first touch: write most of it once, then free it.
+        t0 = time.perf_counter()
+        warm = Runner(system, plan, data, args.nonce)
+        size = 2 << 20
+        keys = warm.put_blocks(f"{args.nonce}/warm", size, plan.mooncake_warmup_bytes // size)
+        warm._delete(keys)
+        log(
+            f"mooncake warm-up: wrote {format_size(plan.mooncake_warmup_bytes)} in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
+        result = measure(system, plan, data, args.nonce)
+        storage.check_alive()
+        # Only on success: after an interrupt, client threads may still be inside the store,
+        # and closing it under them crashes the process before its children are stopped.
+        for arr in [data.source, *data.dests]:
+            store.unregister_buffer(arr.ctypes.data)
+        t_close = time.perf_counter()
+        store.close()
+        log(f"mooncake client closed in {time.perf_counter() - t_close:.1f}s")
+        return result
+
+
+def bench_mooncake(args: argparse.Namespace, plan: Plan, nonce: str) -> SystemResult:
+    if importlib.util.find_spec("mooncake") is None:
+        return SystemResult(
+            False,
+            reason="mooncake-transfer-engine-non-cuda is not installed "
+            "(pip install -r requirements/bench.txt)",
+        )
+    unshare = shutil.which("unshare")
+    if unshare is None or shutil.which("ip") is None:
+        return SystemResult(False, reason="needs unshare (util-linux) and ip (iproute2)")
+    out = Path(args.json_out).with_suffix(".mooncake.json")
+    out.unlink(missing_ok=True)
+    argv = [
+        unshare,
+        "-n",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--mooncake-only",
+        "--json-out",
+        str(out),
+        "--nonce",
+        nonce,
+        *forwarded_args(args),
+    ]
+    with ProcessSet() as procs:
+        # Relay the child's progress lines, not Mooncake's glog chatter.
+        child = procs.start("mooncake (unshare -n)", argv, echo="  | ", quiet=MOONCAKE_NOISE)
+        rc = child.wait()
+    if not out.exists():
+        return SystemResult(
+            False, reason=f"mooncake child exited {rc} without results:\n{child.tail()}"
+        )
+    raw = json.loads(out.read_text())["mooncake"]
+    out.unlink()
+    return system_result_from_json(raw)
+
+
+def system_result_from_json(raw: dict[str, Any]) -> SystemResult:
+    cells = [Cell(**{**c, "latency": LatencyStats(**c["latency"])}) for c in raw["cells"]]
+    return SystemResult(raw["available"], raw["note"], raw["reason"], cells)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _cell_map(result: SystemResult) -> dict[tuple[str, int, int], Cell]:
+    return {(c.op, c.threads, c.block_bytes): c for c in result.cells}
+
+
+def ratios(report: dict[str, Any], systems: dict[str, SystemResult]) -> dict[str, Any]:
+    """``{"<system>/iperf3": {"<system> <op> x<threads>": {size: r}}, "kvpool/<peer>": {...}}``"""
+    link = report["iperf3"].get("gbps")
+    base = _cell_map(systems["kvpool"]) if "kvpool" in systems else {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, result in systems.items():
+        for (op, threads, size), cell in _cell_map(result).items():
+            if link:
+                row = out.setdefault(f"{name}/iperf3", {}).setdefault(f"{name} {op} x{threads}", {})
+                row[str(size)] = cell.gbps / link
+            mine = base.get((op, threads, size))
+            if name != "kvpool" and mine is not None:
+                row = out.setdefault(f"kvpool/{name}", {}).setdefault(f"{op} x{threads}", {})
+                row[str(size)] = mine.gbps / cell.gbps
+    return out
+
+
+def print_tables(report: dict[str, Any], systems: dict[str, SystemResult], plan: Plan) -> None:
+    sizes = plan.sizes
+    link = report["iperf3"].get("gbps")
+    heads = [format_size(s) for s in sizes]
+    w = 20
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<24}" + "".join(f"{c:>{w}}" for c in cells)
+
+    def tput(gbps: float) -> str:
+        return f"{gbps:.2f} GB/s" + (f" {gbps / link:.2f}x" if link else "")
+
+    def latency(c: Cell | None) -> str:
+        return f"{c.latency.p50_ms:.2f} / {c.latency.p99_ms:.2f}" if c else "-"
+
+    print()
+    if link:
+        runs = ", ".join(f"{g:.2f}" for g in report["iperf3"]["runs_gbps"])
+        print(
+            f"Throughput, GB/s and ratio to iperf3 loopback ({link:.2f} GB/s, one stream, "
+            f"best of {runs} at start and end), "
+            f"batches of {plan.batch}, median of {plan.rounds} rounds"
+        )
+    else:
+        print(f"Throughput, GB/s (iperf3 unavailable: {report['iperf3'].get('reason')})")
+    print(line("system op threads", heads))
+    if link:
+        print(line("iperf3 loopback", [tput(link)] * len(sizes)))
+    print(line("memcpy 1 thread, cold", [tput(report["memcpy"][str(s)]["gbps"]) for s in sizes]))
+    lat_rows: list[str] = []
+    for name, result in systems.items():
+        if not result.available:
+            reason = result.reason.splitlines()[0] if result.reason else ""
+            print(f"{name:<24}unavailable: {reason}")
+            continue
+        cm = _cell_map(result)
+        for op in OPS:
+            for threads in plan.threads:
+                label = f"{name} {op} x{threads}"
+                cells = [cm[(op, threads, s)] if (op, threads, s) in cm else None for s in sizes]
+                print(line(label, [tput(c.gbps) if c else "-" for c in cells]))
+                lat_rows.append(line(label, [latency(c) for c in cells]))
+    print()
+    print("Batch latency, p50 / p99 ms")
+    print(line("system op threads", heads))
+    for row in lat_rows:
+        print(row)
+    for key, rows in report["ratios"].items():
+        if not key.startswith("kvpool/") or key == "kvpool/iperf3":
+            continue
+        print()
+        print(f"Ratio {key} (throughput)")
+        print(line("op threads", heads))
+        for row, by_size in rows.items():
+            print(
+                line(row, [f"{by_size[str(s)]:.2f}x" if str(s) in by_size else "-" for s in sizes])
+            )
+    print()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_list(text: str, convert: Callable[[str], int]) -> tuple[int, ...]:
+    return tuple(convert(x.strip()) for x in text.split(",") if x.strip())
+
+
+def parse_size(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    from kvpool import parse_size as kv_parse_size
+
+    return kv_parse_size(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="small run (about a minute) to check setup")
+    p.add_argument("--sizes", default="64KiB,256KiB,2MiB", help="block sizes, default %(default)s")
+    p.add_argument("--threads", default="1,4", help="client thread counts (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="blocks per batch (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds per cell (median)")
+    p.add_argument("--round-mib", type=int, help="MiB moved per round (default 256, quick 32)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of %(default)s")
+    p.add_argument("--kvpool-memory", default="3GiB", help="kvpool server --memory")
+    p.add_argument("--json-out", default=str(DEFAULT_JSON), help="default: %(default)s")
+    # Internal: the Mooncake child (inside unshare -n) and its storage process.
+    hidden = argparse.SUPPRESS
+    p.add_argument("--mooncake-only", action="store_true", help=hidden)
+    p.add_argument("--mooncake-storage", action="store_true", help=hidden)
+    p.add_argument("--nonce", default="", help=hidden)
+    p.add_argument("--mc-master", help=hidden)
+    p.add_argument("--mc-metadata", help=hidden)
+    p.add_argument("--mc-segment", type=int, help=hidden)
+    return p
+
+
+def forwarded_args(args: argparse.Namespace) -> list[str]:
+    """The options that shape the plan, for the Mooncake child."""
+    # Sizes go as plain byte counts, so the child never imports kvpool.
+    sizes = ",".join(str(n) for n in parse_list(args.sizes, parse_size))
+    out = ["--sizes", sizes, "--threads", args.threads]
+    out += ["--batch", str(args.batch), "--rounds", str(args.rounds)]
+    if args.quick:
+        out.append("--quick")
+    if args.round_mib is not None:
+        out += ["--round-mib", str(args.round_mib)]
+    return out
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick = bool(args.quick)
+    round_mib = args.round_mib if args.round_mib is not None else (32 if quick else 256)
+    return Plan(
+        sizes=parse_list(args.sizes, parse_size),
+        threads=parse_list(args.threads, int),
+        batch=args.batch,
+        rounds=args.rounds,
+        round_bytes=round_mib << 20,
+        min_batches=2 if quick else 8,
+        working_set_bytes=(64 if quick else 256) << 20,
+        iperf_seconds=1 if quick else 3,
+        kvpool_memory=args.kvpool_memory,
+        mooncake_segment=2 << 30,
+        mooncake_warmup_bytes=(256 << 20) if quick else (1536 << 20),
+    )
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dist in ("kvpool", "numpy", "redis", "hiredis", "mooncake-transfer-engine-non-cuda"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    for exe in ("redis-server", "iperf3"):
+        path = shutil.which(exe)
+        if path:
+            res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+            out[exe] = (res.stdout or res.stderr).splitlines()[0] if res.returncode == 0 else "?"
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.mooncake_storage:
+        return run_mooncake_storage(args)
+    plan = make_plan(args)
+    if plan.batch < 1 or plan.rounds < 1 or not plan.sizes or not plan.threads:
+        raise SystemExit("--batch, --rounds, --sizes and --threads must be positive and non-empty")
+    if args.mooncake_only:
+        return run_mooncake_only(args, plan)
+
+    install_interrupt_handlers()
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SYSTEMS))
+    if unknown:
+        raise SystemExit(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # the Mooncake child writes beside it
+    nonce = os.urandom(4).hex()
+    started = time.time()
+    log(
+        f"plan: sizes {[format_size(s) for s in plan.sizes]}, threads {list(plan.threads)}, "
+        f"batch {plan.batch}, {plan.rounds} rounds of ~{format_size(plan.round_bytes)}"
+    )
+
+    report: dict[str, Any] = {
+        "meta": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "command": [sys.executable, *sys.argv],
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "versions": versions(),
+            "plan": asdict(plan),
+            "units": "GB/s with GB = 1e9 bytes; latency per batch in ms",
+        }
+    }
+    log(f"iperf3: one stream over loopback for {plan.iperf_seconds}s")
+    first_iperf = report["iperf3"] = run_iperf3(plan.iperf_seconds)
+    if first_iperf.get("available"):
+        log(f"  iperf3 {first_iperf['gbps']:.2f} GB/s")
+    data = Data(max(plan.threads), max(plan.sizes) * plan.batch)
+    log("memcpy: one thread, cold buffers")
+    report["memcpy"] = run_memcpy(plan, data)
+
+    systems: dict[str, SystemResult] = {}
+    for name in chosen:
+        log(f"{name}: starting")
+        t0 = time.perf_counter()
+        try:
+            if name == "kvpool":
+                systems[name] = bench_kvpool(plan, data, nonce)
+            elif name == "redis":
+                systems[name] = bench_redis(plan, data, nonce)
+            else:
+                systems[name] = bench_mooncake(args, plan, nonce)
+        except (ServiceError, BenchError) as e:
+            # A wrong answer or a dead server voids that system's numbers, not the whole run.
+            systems[name] = SystemResult(False, reason=f"{type(e).__name__}: {e}")
+        result = systems[name]
+        reason = result.reason.splitlines()[0] if result.reason else "?"
+        status = "done" if result.available else f"unavailable: {reason}"
+        log(f"{name}: {status} ({time.perf_counter() - t0:.0f}s)")
+
+    # The link is measured again at the end; ratios use the faster of the two, so load that
+    # came and went during the run cannot flatter anything.
+    log(f"iperf3 again: one stream over loopback for {plan.iperf_seconds}s")
+    last_iperf = run_iperf3(plan.iperf_seconds)
+    report["iperf3"] = combine_iperf(first_iperf, last_iperf)
+    if last_iperf.get("available"):
+        log(f"  iperf3 {last_iperf['gbps']:.2f} GB/s")
+    report["systems"] = {name: asdict(r) for name, r in systems.items()}
+    report["ratios"] = ratios(report, systems)
+    report["meta"]["duration_s"] = round(time.time() - started, 1)
+    out.write_text(json.dumps(report, indent=1))
+    print_tables(report, systems, plan)
+    print(f"JSON: {out}  ({report['meta']['duration_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every process this run started has been stopped")
+        sys.exit(130)

@@ -1,0 +1,177 @@
+"""The storage node's cluster agent: joins through Redis, heartbeats, publishes block locations.
+
+Runs in one background thread of ``kvpool server --redis URL --cluster NAME``. It never touches
+the data path: committed and evicted keys reach it through the core's event ring, drained in
+batches. Redis being away only delays the index; the node keeps serving and re-registers (with a
+new incarnation and a full re-publication of its keys) as soon as Redis answers again, also when
+Redis lost all its data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from kvpool.metadata import MetadataError, Registry, load_library
+
+log = logging.getLogger(__name__)
+
+#: Events drained per publish round (one Redis pipeline).
+_DRAIN_BATCH = 8192
+
+
+class ClusterAgent:
+    """Membership and index upkeep for one node. ``start()`` returns once the first join was
+    attempted; failures are retried in the background with backoff."""
+
+    def __init__(
+        self,
+        server: Any,
+        *,
+        redis_url: str,
+        cluster: str,
+        node_id: str,
+        address: str,
+        capacity: int,
+        lease_ttl: float = 3.0,
+        publish_interval: float = 0.05,
+    ) -> None:
+        import redis  # the agent is the only part of the node that needs redis-py
+
+        self._server = server
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=max(0.5, lease_ttl / 3), socket_connect_timeout=1.0
+        )
+        self.registry = Registry(self._redis, cluster)
+        self.node_id = node_id
+        self.address = address
+        self.capacity = capacity
+        self.ttl_ms = int(lease_ttl * 1000)
+        self.publish_interval = publish_interval
+        self.incarnation = 0  # 0 = not joined
+        self.epoch = 0
+        self.published_keys = 0
+        self.publish_round_trips = 0
+        self._pending: dict[bytes, bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvpool-agent", daemon=True)
+
+    def start(self) -> None:
+        self._try_join()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Publishes what is pending and leaves the cluster (best effort)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self.incarnation:
+            try:
+                self._publish_pending()
+                self.registry.leave(self.node_id, self.incarnation)
+                log.info(
+                    "left cluster %s as %s@%d",
+                    self.registry.keys.name,
+                    self.node_id,
+                    self.incarnation,
+                )
+            except Exception as e:  # noqa: BLE001 - shutdown must not fail on Redis
+                log.warning("could not leave the cluster cleanly: %s", e)
+        self._redis.close()
+
+    # -- background loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_beat = time.monotonic() + self.ttl_ms / 3000
+        backoff = 0.1
+        while not self._stop.wait(self.publish_interval):
+            try:
+                if not self.incarnation:
+                    self._try_join()
+                    if not self.incarnation:
+                        self._stop.wait(backoff)
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                backoff = 0.1
+                self._drain()
+                self._publish_pending()
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + self.ttl_ms / 3000
+            except MetadataError as e:
+                log.warning("cluster membership lost (%s); joining again", e)
+                self.incarnation = 0
+            except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry
+                if "kvpool_" in str(e) and "not found" in str(e).lower():
+                    log.warning("kvpool library missing in Redis (data lost?); joining again")
+                    self.incarnation = 0
+                else:
+                    log.warning("redis unavailable (%s); the node keeps serving", e)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
+
+    def _try_join(self) -> None:
+        try:
+            load_library(self._redis)
+            inc, epoch = self.registry.join(
+                self.node_id, self.address, "tcp", self.capacity, self.ttl_ms
+            )
+            self.registry.fence_all(self.node_id, inc)
+            # Everything the node holds is re-published under the new incarnation: drop the
+            # pending events first, since the snapshot taken after them covers them.
+            self._drain()
+            self._pending.clear()
+            snapshot = self._server.snapshot_keys()
+            for i in range(0, len(snapshot), 16):
+                self._pending[snapshot[i : i + 16]] = True
+            self.incarnation, self.epoch = inc, epoch
+            log.info(
+                "joined cluster %s as %s@%d (epoch %d, %d keys to publish)",
+                self.registry.keys.name,
+                self.node_id,
+                inc,
+                epoch,
+                len(self._pending),
+            )
+            self._publish_pending()
+        except Exception as e:  # noqa: BLE001 - retried by the loop
+            log.warning("join failed: %s", e)
+
+    def _drain(self) -> None:
+        while True:
+            records, dropped = self._server.drain_events(_DRAIN_BATCH)
+            if dropped:
+                log.warning(
+                    "event ring overflowed (%d events lost); re-publishing all keys", dropped
+                )
+                self.incarnation = 0  # forces a join with a full snapshot
+            for i in range(0, len(records), 17):
+                self._pending[records[i : i + 16]] = records[i + 16] == 1
+            if len(records) < _DRAIN_BATCH * 17:
+                return
+
+    def _publish_pending(self) -> None:
+        while self._pending and self.incarnation:
+            batch = dict(list(self._pending.items())[:_DRAIN_BATCH])
+            added = [k for k, a in batch.items() if a]
+            removed = [k for k, a in batch.items() if not a]
+            self.registry.publish(self.node_id, self.incarnation, added, removed)
+            self.publish_round_trips += 1
+            self.published_keys += len(batch)
+            for k in batch:
+                del self._pending[k]
+
+    def _heartbeat(self) -> None:
+        stats = self._server_stats()
+        self.epoch = self.registry.heartbeat(self.node_id, self.incarnation, self.ttl_ms, stats)
+
+    def _server_stats(self) -> dict[str, int]:
+        import json
+
+        return {
+            k: int(v)
+            for k, v in json.loads(self._server.stats_json()).items()
+            if isinstance(v, int)
+        }

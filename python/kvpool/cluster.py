@@ -1,0 +1,315 @@
+"""``kvpool.Cluster``: the Client API over every live node of a cluster."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from types import TracebackType
+from typing import Any, TypeVar
+
+from kvpool import _core
+from kvpool.client import Client
+from kvpool.errors import InvalidArgumentError, KVPoolError
+from kvpool.metadata import Member, Registry, load_library
+
+__all__ = ["Cluster"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: A node that failed is skipped for this long before it is tried again.
+_SUSPECT_SECONDS = 1.0
+#: Without a lookup to piggyback on, the epoch is polled at most this often.
+_EPOCH_POLL_SECONDS = 0.2
+
+
+class Cluster:
+    """Reads and writes blocks across all live nodes of a cluster.
+
+    Writes go to the nodes chosen by weighted rendezvous hashing (``replicas`` extra copies on the
+    next-ranked nodes). Reads go where the Redis index says the block is, and to the placement
+    nodes when Redis is unreachable. All nodes of a call are contacted in parallel and the call
+    returns by its deadline: a dead or slow node turns into misses, never into an exception or a
+    hang. The member view is refreshed only when the cluster epoch moves.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        cluster: str = "default",
+        *,
+        timeout: float = 5.0,
+        replicas: int = 0,
+        max_workers: int = 16,
+    ) -> None:
+        import redis
+
+        if timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be > 0, got {timeout}")
+        if replicas < 0:
+            raise InvalidArgumentError(f"replicas must be >= 0, got {replicas}")
+        self.timeout = timeout
+        self.replicas = replicas
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=min(timeout, 1.0), socket_connect_timeout=min(timeout, 1.0)
+        )
+        self._registry = Registry(self._redis, cluster)
+        self._lock = threading.Lock()
+        self._epoch = -1
+        self._members: list[Member] = []
+        self._live: dict[str, Member] = {}
+        self._clients: dict[str, Client] = {}
+        self._suspect: dict[str, float] = {}
+        self._epoch_checked = 0.0
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="kvpool-cluster"
+        )
+        try:
+            load_library(self._redis)
+            self._refresh(force=True)
+        except Exception as e:  # noqa: BLE001 - Redis may come later; calls degrade meanwhile
+            log.warning("cluster %s: redis unavailable at start (%s)", cluster, e)
+
+    # -- view ------------------------------------------------------------------------------
+
+    def members(self) -> list[Member]:
+        """The live nodes (refreshed when the epoch moved)."""
+        self._maybe_refresh()
+        return list(self._members)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _refresh(self, *, force: bool = False, epoch: int | None = None) -> None:
+        if epoch is None:
+            epoch = self._registry.epoch()
+        self._epoch_checked = time.monotonic()
+        if not force and epoch == self._epoch:
+            return
+        new_epoch, members = self._registry.members()
+        with self._lock:
+            self._epoch = new_epoch
+            self._members = sorted(members, key=lambda m: m.node_id)
+            self._live = {m.entry: m for m in self._members}
+            for entry in [e for e in self._clients if e not in self._live]:
+                self._clients.pop(entry).close()
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._epoch_checked < _EPOCH_POLL_SECONDS:
+            return
+        try:
+            self._refresh()
+        except Exception as e:  # noqa: BLE001 - keep the last view
+            self._epoch_checked = time.monotonic()
+            log.debug("epoch check failed: %s", e)
+
+    def _client(self, m: Member) -> Client | None:
+        entry = m.entry
+        client = self._clients.get(entry)
+        if client is not None:
+            return client
+        if self._suspect.get(entry, 0.0) > time.monotonic():
+            return None
+        try:
+            client = Client(m.address, timeout=self.timeout, connect_timeout=min(self.timeout, 1.0))
+        except KVPoolError as e:
+            log.info("node %s (%s) unreachable: %s", entry, m.address, e)
+            self._suspect[entry] = time.monotonic() + _SUSPECT_SECONDS
+            return None
+        with self._lock:
+            return self._clients.setdefault(entry, client)
+
+    # -- placement and lookup ----------------------------------------------------------------
+
+    def _place(self, keys: Sequence[bytes], k: int) -> list[list[Member]]:
+        members = self._members
+        if not members or not keys:
+            return [[] for _ in keys]
+        ranks = _core.rank_nodes(
+            list(keys), [m.node_id for m in members], [m.weight for m in members], k
+        )
+        return [[members[i] for i in r] for r in ranks]
+
+    def _locate(self, keys: Sequence[bytes]) -> list[list[Member]]:
+        """Live holders of each key per the index; placement when Redis is unreachable."""
+        try:
+            epoch, holders = self._registry.lookup_with_epoch(list(keys))
+            if epoch != self._epoch:
+                self._refresh(epoch=epoch)
+        except Exception as e:  # noqa: BLE001 - index unreachable: fall back to placement
+            log.debug("index lookup failed (%s); using placement", e)
+            return self._place(keys, 1 + self.replicas)
+        live = self._live
+        return [[live[e] for e in h if e in live] for h in holders]
+
+    # -- fan-out -------------------------------------------------------------------------------
+
+    def _fan_out(
+        self, groups: dict[str, tuple[Member, list[int]]], fn: Callable[[Client, list[int]], T]
+    ) -> list[tuple[list[int], T | None]]:
+        """Runs fn(client, indices) for every node in parallel; a failed, unreachable or late
+        node yields None for its indices."""
+        deadline = time.monotonic() + self.timeout
+        futures: list[tuple[str, list[int], Future[T] | None]] = []
+        for entry, (member, idx) in groups.items():
+            client = self._client(member)
+            futures.append(
+                (entry, idx, None if client is None else self._pool.submit(fn, client, idx))
+            )
+        out: list[tuple[list[int], T | None]] = []
+        for entry, idx, fut in futures:
+            result: T | None = None
+            if fut is not None:
+                try:
+                    result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:
+                    log.info("node %s missed the deadline", entry)
+                except KVPoolError as e:
+                    log.info("node %s failed: %s", entry, e)
+                    self._suspect[entry] = time.monotonic() + _SUSPECT_SECONDS
+                    with self._lock:
+                        bad = self._clients.pop(entry, None)
+                    if bad is not None:
+                        bad.close()
+            out.append((idx, result))
+        return out
+
+    @staticmethod
+    def _group(targets: list[list[Member]], which: int = 0) -> dict[str, tuple[Member, list[int]]]:
+        groups: dict[str, tuple[Member, list[int]]] = {}
+        for i, ms in enumerate(targets):
+            if len(ms) > which:
+                m = ms[which]
+                groups.setdefault(m.entry, (m, []))[1].append(i)
+        return groups
+
+    # -- the Client API --------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> int:
+        """Stores each block on its placement node(s); returns how many keys at least one node
+        holds afterwards. Unreachable nodes make their keys count as not stored."""
+        if len(keys) != len(blocks):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
+        self._maybe_refresh()
+        targets = self._place(keys, 1 + self.replicas)
+        held = [False] * len(keys)
+        for copy in range(1 + self.replicas):
+            groups = self._group(targets, copy)
+            results = self._fan_out(
+                groups,
+                lambda c, idx: c._native.put(
+                    [keys[i] for i in idx], [_buf(blocks[i]) for i in idx]
+                ),
+            )
+            for idx, statuses in results:
+                if statuses is not None:
+                    for i, s in zip(idx, statuses, strict=True):
+                        held[i] = held[i] or s in (0, 1)
+        return sum(held)
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        for idx, blocks in self._fan_out(
+            self._group(self._locate(keys)), lambda c, idx: c.get([keys[i] for i in idx])
+        ):
+            if blocks is not None:
+                for i, b in zip(idx, blocks, strict=True):
+                    out[i] = b
+        return out
+
+    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[bool]:
+        if len(keys) != len(buffers):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
+        out = [False] * len(keys)
+        results = self._fan_out(
+            self._group(self._locate(keys)),
+            lambda c, idx: c.get_into([keys[i] for i in idx], [buffers[i] for i in idx]),
+        )
+        for idx, found in results:
+            if found is not None:
+                for i, f in zip(idx, found, strict=True):
+                    out[i] = f
+        return out
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Asks the nodes the index names (so a block evicted since it was listed is absent)."""
+        out = [False] * len(keys)
+        for idx, present in self._fan_out(
+            self._group(self._locate(keys)), lambda c, idx: c.exists([keys[i] for i in idx])
+        ):
+            if present is not None:
+                for i, p in zip(idx, present, strict=True):
+                    out[i] = p
+        return out
+
+    def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are held by live nodes, per the index (one Redis pipeline)."""
+        n = 0
+        for holders in self._locate(keys):
+            if not holders:
+                break
+            n += 1
+        return n
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Deletes keys from every live node; returns how many keys were present anywhere."""
+        self._maybe_refresh()
+        everywhere = [list(self._members) for _ in keys]
+        deleted = [False] * len(keys)
+        for copy in range(len(self._members)):
+            for idx, flags in self._fan_out(
+                self._group(everywhere, copy),
+                lambda c, idx: c._native.delete([keys[i] for i in idx]),
+            ):
+                if flags is not None:
+                    for i, f in zip(idx, flags, strict=True):
+                        deleted[i] = deleted[i] or bool(f)
+        return sum(deleted)
+
+    def stats(self) -> dict[str, Any]:
+        """Per-node counters (from the nodes) and their totals."""
+        self._maybe_refresh()
+        groups = {m.entry: (m, [i]) for i, m in enumerate(self._members)}
+        nodes: dict[str, Any] = {}
+        for idx, st in self._fan_out(groups, lambda c, idx: c.stats()):
+            m = self._members[idx[0]]
+            nodes[m.node_id] = {
+                "address": m.address,
+                "incarnation": m.incarnation,
+                **(st or {"unreachable": True}),
+            }
+        totals: dict[str, int] = {}
+        for st in nodes.values():
+            for k, v in st.items():
+                if isinstance(v, int) and not isinstance(v, bool) and k != "incarnation":
+                    totals[k] = totals.get(k, 0) + v
+        return {"epoch": self._epoch, "nodes": nodes, "totals": totals}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+        self._redis.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _buf(block: Any) -> Any:
+    from kvpool.client import _as_buffer
+
+    return _as_buffer(block, writable=False)

@@ -1,0 +1,316 @@
+"""Cluster metadata in Redis: the ``kvpool`` Functions library, its key names and typed wrappers.
+
+Every function of ``redis_scripts/`` is called through this module; its negative-integer domain
+errors become :class:`MetadataError` subclasses here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from kvpool.errors import KVPoolError
+
+__all__ = [
+    "LIBRARY_VERSION",
+    "NUM_PARTITIONS",
+    "ClusterKeys",
+    "FencedError",
+    "Member",
+    "MetadataError",
+    "MetadataErrorCode",
+    "NotMemberError",
+    "Registry",
+    "library_source",
+    "load_library",
+    "partition_of",
+]
+
+#: Must equal LIBRARY_VERSION in redis_scripts/00_common.lua.
+LIBRARY_VERSION = 1
+#: Fixed number of index partitions; part of the cluster's data format (changing it orphans the
+#: index of a running cluster).
+NUM_PARTITIONS = 16
+
+
+class MetadataErrorCode(IntEnum):
+    """The library's negative-integer replies (redis_scripts/00_common.lua)."""
+
+    BAD_ARGS = -1
+    FENCED = -2
+    NOT_MEMBER = -3
+
+
+class MetadataError(KVPoolError):
+    """A kvpool Redis function refused the call."""
+
+
+class FencedError(MetadataError):
+    """The node's incarnation was superseded by a newer join of the same node id."""
+
+
+class NotMemberError(MetadataError):
+    """The node is unknown to the cluster or its lease expired: it must join again."""
+
+
+_ERRORS: dict[int, type[MetadataError]] = {
+    MetadataErrorCode.FENCED: FencedError,
+    MetadataErrorCode.NOT_MEMBER: NotMemberError,
+}
+
+
+def _check(reply: Any, what: str) -> Any:
+    if isinstance(reply, int) and reply < 0:
+        code = MetadataErrorCode(reply)
+        raise _ERRORS.get(code, MetadataError)(f"{what}: {code.name}")
+    return reply
+
+
+def _scripts_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "redis_scripts", here.parents[1] / "redis_scripts"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("redis_scripts/ not found beside the kvpool package")
+
+
+def library_source() -> str:
+    """The library as loaded: ``redis_scripts/*.lua`` in name order, concatenated."""
+    files = sorted(_scripts_dir().glob("*.lua"))
+    return "\n".join(f.read_text() for f in files)
+
+
+def load_library(redis: Any) -> None:
+    """Loads the library unless the loaded one reports LIBRARY_VERSION (FUNCTION LOAD REPLACE)."""
+    try:
+        if int(redis.fcall("kvpool_version", 0)) == LIBRARY_VERSION:
+            return
+    except Exception as e:  # no such function yet: any ResponseError means "load it"
+        if type(e).__name__ != "ResponseError":
+            raise
+    redis.function_load(library_source(), replace=True)
+
+
+def partition_of(key: bytes) -> int:
+    """The index partition of a block key (its first two bytes are already uniform)."""
+    return int.from_bytes(key[:2], "big") % NUM_PARTITIONS
+
+
+@dataclass(frozen=True)
+class ClusterKeys:
+    """Redis key names of one cluster. Membership shares the slot ``{name}``; each index
+    partition has its own slot ``{name/p}`` so the index spreads over a Redis Cluster."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "{}/"):
+            raise KVPoolError(f"cluster name {self.name!r} must be non-empty without {{, }} or /")
+
+    @property
+    def membership(self) -> list[str]:
+        tag = f"kvpool:{{{self.name}}}"
+        return [f"{tag}:meta", f"{tag}:nodes", f"{tag}:leases", f"{tag}:stats"]
+
+    def loc(self, p: int) -> str:
+        return f"kvpool:{{{self.name}/{p}}}:loc"
+
+    def fence(self, p: int) -> str:
+        return f"kvpool:{{{self.name}/{p}}}:fence"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A live storage node as the membership library reports it."""
+
+    node_id: str
+    incarnation: int
+    address: str
+    transports: tuple[str, ...]
+    capacity: int
+    joined_ms: int
+    lease_expiry_ms: int = 0
+
+    @property
+    def entry(self) -> str:
+        """How the index names this incarnation: ``node@incarnation``."""
+        return f"{self.node_id}@{self.incarnation}"
+
+    @property
+    def weight(self) -> float:
+        return float(max(self.capacity, 1))
+
+    @staticmethod
+    def parse(node_id: str, info: str, lease_expiry_ms: int = 0) -> Member:
+        inc, address, transports, capacity, joined = info.split("|")
+        return Member(
+            node_id=node_id,
+            incarnation=int(inc),
+            address=address,
+            transports=tuple(t for t in transports.split(",") if t),
+            capacity=int(capacity),
+            joined_ms=int(joined),
+            lease_expiry_ms=lease_expiry_ms,
+        )
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Registry:
+    """Typed calls of the membership and index functions for one cluster."""
+
+    def __init__(self, redis: Any, cluster: str) -> None:
+        self.redis = redis
+        self.keys = ClusterKeys(cluster)
+
+    def join(
+        self, node_id: str, address: str, transports: str, capacity: int, ttl_ms: int
+    ) -> tuple[int, int]:
+        reply = _check(
+            self.redis.fcall(
+                "kvpool_join",
+                4,
+                *self.keys.membership,
+                node_id,
+                address,
+                transports,
+                capacity,
+                ttl_ms,
+            ),
+            f"join {node_id}",
+        )
+        return int(reply[0]), int(reply[1])
+
+    def heartbeat(self, node_id: str, incarnation: int, ttl_ms: int, stats: dict[str, int]) -> int:
+        return int(
+            _check(
+                self.redis.fcall(
+                    "kvpool_heartbeat",
+                    4,
+                    *self.keys.membership,
+                    node_id,
+                    incarnation,
+                    ttl_ms,
+                    stats.get("used_bytes", 0),
+                    stats.get("entries", 0),
+                    stats.get("hits", 0),
+                    stats.get("misses", 0),
+                ),
+                f"heartbeat {node_id}@{incarnation}",
+            )
+        )
+
+    def leave(self, node_id: str, incarnation: int) -> int:
+        return int(
+            _check(
+                self.redis.fcall("kvpool_leave", 4, *self.keys.membership, node_id, incarnation),
+                f"leave {node_id}@{incarnation}",
+            )
+        )
+
+    def members(self) -> tuple[int, list[Member]]:
+        reply = self.redis.fcall("kvpool_members", 4, *self.keys.membership)
+        return int(reply[0]), [Member.parse(_s(n), _s(i), int(e or 0)) for n, i, e in reply[1:]]
+
+    def epoch(self) -> int:
+        return int(self.redis.fcall_ro("kvpool_epoch", 1, self.keys.membership[0]))
+
+    def node_stats(self) -> tuple[int, list[tuple[Member, dict[str, int]]]]:
+        reply = self.redis.fcall_ro("kvpool_stats", 4, *self.keys.membership)
+        out = []
+        for n, info, st in reply[1:]:
+            stats: dict[str, int] = {}
+            if st:
+                used, blocks, hits, misses, updated = (int(x) for x in _s(st).split("|"))
+                stats = {
+                    "used_bytes": used,
+                    "blocks": blocks,
+                    "hits": hits,
+                    "misses": misses,
+                    "updated_ms": updated,
+                }
+            out.append((Member.parse(_s(n), _s(info)), stats))
+        return int(reply[0]), out
+
+    def fence_all(self, node_id: str, incarnation: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(NUM_PARTITIONS):
+            pipe.fcall("kvpool_fence", 1, self.keys.fence(p), node_id, incarnation)
+        pipe.execute()
+
+    def publish(
+        self, node_id: str, incarnation: int, added: list[bytes], removed: list[bytes]
+    ) -> int:
+        """One pipeline (one round trip) for any number of keys: one call per partition touched."""
+        by_part: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        for k in added:
+            by_part.setdefault(partition_of(k), ([], []))[0].append(k)
+        for k in removed:
+            by_part.setdefault(partition_of(k), ([], []))[1].append(k)
+        if not by_part:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for p, (a, r) in by_part.items():
+            pipe.fcall(
+                "kvpool_publish",
+                2,
+                self.keys.loc(p),
+                self.keys.fence(p),
+                node_id,
+                incarnation,
+                len(a),
+                *a,
+                *r,
+            )
+        changed = 0
+        for reply in pipe.execute():
+            changed += int(_check(reply, f"publish {node_id}@{incarnation}"))
+        return changed
+
+    def lookup(self, keys: list[bytes]) -> list[list[str]]:
+        """Published holders (``node@incarnation``) of each key, one pipeline in total."""
+        return self.lookup_with_epoch(keys)[1]
+
+    def lookup_with_epoch(self, keys: list[bytes]) -> tuple[int, list[list[str]]]:
+        """The cluster epoch and the published holders of each key, in one pipeline: one call
+        per partition the keys fall in, plus the epoch."""
+        by_part: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_part.setdefault(partition_of(k), []).append(i)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.fcall_ro("kvpool_epoch", 1, self.keys.membership[0])
+        parts = list(by_part.items())
+        for p, idx in parts:
+            pipe.fcall_ro("kvpool_lookup", 1, self.keys.loc(p), *(keys[i] for i in idx))
+        replies = pipe.execute()
+        out: list[list[str]] = [[] for _ in keys]
+        for (_, idx), reply in zip(parts, replies[1:], strict=True):
+            for i, v in zip(idx, reply, strict=True):
+                if v:
+                    out[i] = _s(v).split(",")
+        return int(replies[0]), out
+
+    def gc(self, live_entries: list[str], page: int = 1000) -> int:
+        """Drops index entries of incarnations not in ``live_entries``; returns how many."""
+        removed = 0
+        for p in range(NUM_PARTITIONS):
+            cursor = "0"
+            while True:
+                nxt, n = self.redis.fcall(
+                    "kvpool_gc", 1, self.keys.loc(p), cursor, page, *live_entries
+                )
+                removed += int(n)
+                cursor = _s(nxt)
+                if cursor == "0":
+                    break
+        return removed
+
+
+def node_id_for(address: str) -> str:
+    """A stable default node id for an address (so a restarted node keeps its id)."""
+    return "n" + hashlib.blake2b(address.encode(), digest_size=6).hexdigest()

@@ -1,0 +1,340 @@
+"""Fixtures that run real ``kvpool server`` processes on free ports.
+
+Every node is a subprocess of the installed ``kvpool`` entry point, started with ``--port 0``.
+Readiness is the "kvpool server listening on HOST:PORT" line on its stderr (awaited with a
+deadline, never a sleep); stopping is by PID: SIGTERM, then SIGKILL if it does not exit in time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import kvpool
+import pytest
+
+START_TIMEOUT_S = 60.0  # generous: the first import of an editable install may rebuild the core
+STOP_TIMEOUT_S = 10.0
+_READY = re.compile(r"kvpool server listening on (\S+):(\d+)")
+
+
+def kvpool_command() -> list[str]:
+    """The ``kvpool`` console script next to this interpreter (``python -m kvpool`` otherwise)."""
+    exe = Path(sys.executable).with_name("kvpool")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "kvpool"]
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for kvpool subprocesses: no stray ``KVPOOL_*`` settings from the caller,
+    and the editable install's rebuild check kept quiet so it cannot pollute stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
+    env["SKBUILD_EDITABLE_VERBOSE"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_kvpool(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``kvpool ARGS`` to completion and returns its result (text stdout/stderr)."""
+    return subprocess.run(
+        [*kvpool_command(), *args],
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class ServerProcess:
+    """One ``kvpool server`` subprocess. Its output is drained by threads (so logging can never
+    block the node) and kept for assertions."""
+
+    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.host: str | None = None
+        self.port: int | None = None
+        self._cond = threading.Condition()
+        self._stderr: list[str] = []
+        self._stdout: list[str] = []
+        self._stderr_closed = False
+        self.proc = subprocess.Popen(
+            [*kvpool_command(), "server", *self.args],
+            env=child_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # a Ctrl-C at the terminal reaches pytest, not the nodes
+        )
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stderr, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stdout, False), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any, is_stderr: bool) -> None:
+        for line in stream:
+            with self._cond:
+                (self._stderr if is_stderr else self._stdout).append(line)
+                m = _READY.search(line) if is_stderr and self.port is None else None
+                if m:
+                    self.host, self.port = m.group(1), int(m.group(2))
+                    self._cond.notify_all()
+        with self._cond:
+            if is_stderr:
+                self._stderr_closed = True
+            self._cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        assert self.port is not None, "node is not ready"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self._stderr)
+
+    @property
+    def stdout(self) -> str:
+        with self._cond:
+            return "".join(self._stdout)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+        with self._cond:
+            self._cond.wait_for(lambda: self.port is not None or self._stderr_closed, timeout)
+            ready = self.port is not None
+        if not ready:
+            self.kill()
+            raise RuntimeError(
+                f"kvpool server {self.args} did not become ready within {timeout} s "
+                f"(exit code {self.proc.returncode}); stderr:\n{self.stderr}"
+            )
+        return self
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
+        """Sends ``sig`` and waits for the exit code; SIGKILLs and fails if the node hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"kvpool server (pid {self.pid}) ignored {signal.Signals(sig).name} for "
+                    f"{timeout} s; killed. stderr:\n{self.stderr}"
+                ) from None
+        self._join()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._join()
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join(5.0)
+
+
+ServerFactory = Callable[..., ServerProcess]
+
+
+def _server_args(memory: str, eviction: str | None, extra: Sequence[str], port: int) -> list[str]:
+    args = ["--port", str(port), "--memory", memory, "--log-level", "info"]
+    if eviction is not None:
+        args += ["--eviction", eviction]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="session")
+def shared_node() -> Iterator[ServerProcess]:
+    """One node for the whole session (256 MiB, defaults otherwise). Tests that use it pick
+    random keys, so they never see each other's blocks."""
+    node = ServerProcess(_server_args("256MiB", None, [], 0)).wait_ready()
+    yield node
+    rc = node.stop()
+    assert rc == 0, f"shared node exited with {rc}; stderr:\n{node.stderr}"
+
+
+@pytest.fixture
+def start_node() -> Iterator[ServerFactory]:
+    """Factory for nodes of a test's own: ``start_node(memory="16MiB", eviction="lru",
+    extra=[...], env={...}, port=0)``. Nodes still running at the end of the test are stopped
+    with SIGTERM and must exit with code 0."""
+    nodes: list[ServerProcess] = []
+
+    def start(
+        *,
+        memory: str = "64MiB",
+        eviction: str | None = None,
+        extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        port: int = 0,
+        wait: bool = True,
+    ) -> ServerProcess:
+        node = ServerProcess(_server_args(memory, eviction, extra, port), env=env)
+        nodes.append(node)
+        return node.wait_ready() if wait else node
+
+    yield start
+    failures = []
+    for node in nodes:
+        if node.running():
+            rc = node.stop()
+            if rc != 0:
+                failures.append(f"node {node.args} exited with {rc}:\n{node.stderr}")
+        else:
+            node.kill()  # reap it and its output threads
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture
+def client(shared_node: ServerProcess) -> Iterator[kvpool.Client]:
+    with kvpool.Client(shared_node.address) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the test modules.
+
+
+def random_keys(n: int) -> list[bytes]:
+    return [os.urandom(16) for _ in range(n)]
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.01, what: str = ""
+) -> Any:
+    """Polls ``predicate`` until it returns something truthy, failing after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# The wire protocol (docs/protocol.md), spoken by hand to send what the client never would.
+MAGIC = 0x3150564B
+HEADER = struct.Struct("<IBBHQIiQ")  # magic op flags reserved request_id count status body_bytes
+OP_HELLO, OP_PUT, OP_GET, OP_EXISTS, OP_MATCH_PREFIX, OP_DELETE, OP_STATS = range(1, 8)
+assert HEADER.size == 32
+
+
+def header(
+    op: int,
+    *,
+    count: int = 0,
+    body_bytes: int = 0,
+    request_id: int = 1,
+    magic: int = MAGIC,
+    flags: int = 0,
+    reserved: int = 0,
+    status: int = 0,
+) -> bytes:
+    return HEADER.pack(magic, op, flags, reserved, request_id, count, status, body_bytes)
+
+
+class RawConnection:
+    """A bare TCP connection to a node."""
+
+    def __init__(self, address: str, timeout: float = 5.0) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_exact(self, n: int) -> bytes | None:
+        """``n`` bytes, or None when the node closed (or reset) the connection first."""
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def read_frame(self) -> tuple[tuple[int, ...], bytes] | None:
+        """(header fields, body) of the next reply, or None when the connection closed."""
+        raw = self.recv_exact(HEADER.size)
+        if raw is None:
+            return None
+        fields = HEADER.unpack(raw)
+        body = self.recv_exact(fields[7]) if fields[7] else b""
+        if body is None:
+            return None
+        return fields, body
+
+    def hello(self) -> tuple[int, int, int, int]:
+        """Handshake; returns the node's (version, max_batch_keys, max_frame_bytes,
+        max_block_bytes)."""
+        self.send(header(OP_HELLO, body_bytes=8) + struct.pack("<II", 1, 1))
+        frame = self.read_frame()
+        assert frame is not None, "node closed the connection on HELLO"
+        fields, body = frame
+        assert fields[0] == MAGIC and fields[1] == OP_HELLO and fields[2] == 0, fields
+        return struct.unpack("<IIQQ", body)  # type: ignore[return-value]
+
+    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True when the node closes the connection within ``timeout`` s (any data it still
+        sends is drained first)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
