@@ -81,6 +81,13 @@ class ClusterAgent:
                 log.warning("could not leave the cluster cleanly: %s", e)
         self._redis.close()
 
+    def abandon(self) -> None:
+        """Stops the agent without leaving: the lease expires as if the process had died."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._redis.close()
+
     # -- background loop -------------------------------------------------------------------
 
     def _run(self) -> None:

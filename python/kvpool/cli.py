@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kvpool.config import ServerConfig
 from kvpool.errors import KVPoolError
@@ -77,6 +78,76 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from kvpool.metadata import Registry, load_library
+
+    r = redis.Redis.from_url(
+        args.redis, socket_timeout=args.timeout, socket_connect_timeout=args.timeout
+    )
+    try:
+        load_library(r)
+        registry = Registry(r, args.cluster)
+        epoch, nodes = registry.node_stats()
+    except redis.RedisError as e:
+        print(f"kvpool: error: redis {args.redis}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        r.close()
+    rows: list[dict[str, Any]] = []
+    for m, st in nodes:
+        hits, misses = st.get("hits", 0), st.get("misses", 0)
+        rows.append(
+            {
+                "node_id": m.node_id,
+                "address": m.address,
+                "incarnation": m.incarnation,
+                "capacity_bytes": m.capacity,
+                "used_bytes": st.get("used_bytes", 0),
+                "blocks": st.get("blocks", 0),
+                "hits": hits,
+                "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+            }
+        )
+    if args.json:
+        print(json.dumps({"cluster": args.cluster, "epoch": epoch, "nodes": rows}, indent=2))
+        return 0
+    cap = sum(r["capacity_bytes"] for r in rows)
+    used = sum(r["used_bytes"] for r in rows)
+    print(
+        f"cluster {args.cluster!r}  epoch {epoch}  nodes {len(rows)}  "
+        f"used {_gib(used)} of {_gib(cap)}"
+    )
+    header = ("NODE", "ADDRESS", "INC", "CAPACITY", "USED", "USE%", "BLOCKS", "HIT RATE")
+    table = [header] + [
+        (
+            r["node_id"],
+            r["address"],
+            str(r["incarnation"]),
+            _gib(r["capacity_bytes"]),
+            _gib(r["used_bytes"]),
+            f"{100 * r['used_bytes'] / max(r['capacity_bytes'], 1):.1f}",
+            str(r["blocks"]),
+            "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _gib(n: int) -> str:
+    """Human-readable bytes: 1.50 GiB, 12.0 MiB, 512 KiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.{2 if shift == 30 else 1}f} {unit}"
+    return f"{n} B"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvpool", description="Distributed KV-cache pool for LLM inference."
@@ -88,10 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_server)
 
     p = sub.add_parser("local", help="start a local node and run a demo workload against it")
-    p.add_argument("--memory", default="512MiB", help="pool size of the local node")
+    p.add_argument("--memory", default="256MiB", help="pool size of each local node")
     p.add_argument("--tokens", type=int, default=16384, help="tokens of the demo prompt")
     p.add_argument("--serve", action="store_true", help="keep serving after the demo until Ctrl-C")
     p.set_defaults(func=_cmd_local)
+
+    p = sub.add_parser("status", help="members, capacity, usage and hit rates of a cluster")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL of the cluster")
+    p.add_argument("--cluster", default="default", help="cluster name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("stats", help="print a node's counters")
     p.add_argument("address", help="host:port of the node")
