@@ -9,6 +9,8 @@ fix=${1:-}
 stubs=$(mktemp -d)
 trap 'rm -rf "$stubs"' EXIT
 $V/pybind11-stubgen kvpool._core -o "$stubs" >/dev/null
+# Normalise the generated stub exactly as the checked-in one is (import order, formatting).
+$V/ruff check -q --fix --select I --exit-zero "$stubs/kvpool/_core.pyi"
 $V/ruff format -q "$stubs/kvpool/_core.pyi"
 if [ "$fix" = "--fix" ]; then
   cp "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi
