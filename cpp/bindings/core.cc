@@ -11,6 +11,7 @@
 #include "kvpool/hashing.h"
 #include "kvpool/logging.h"
 #include "kvpool/placement.h"
+#include "kvpool/redis_index.h"
 #include "kvpool/server.h"
 
 namespace py = pybind11;
@@ -234,6 +235,42 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("keys"), py::arg("node_ids"), py::arg("weights"), py::arg("k"));
+
+  py::class_<RedisIndexReader>(m, "RedisIndexReader")
+      .def(py::init([](const std::string& host, uint16_t port, const std::string& username, const std::string& password,
+                       int db, const std::string& meta_key, const std::vector<std::string>& partition_keys,
+                       uint32_t timeout_ms) {
+             return std::make_unique<RedisIndexReader>(RedisEndpoint{host, port, username, password, db}, meta_key,
+                                                       partition_keys, timeout_ms);
+           }),
+           py::arg("host"), py::arg("port"), py::arg("username"), py::arg("password"), py::arg("db"),
+           py::arg("meta_key"), py::arg("partition_keys"), py::arg("timeout_ms"))
+      .def("lookup", [](RedisIndexReader& reader, const py::sequence& keys) {
+        const auto k = ToKeys(keys);
+        int64_t epoch = 0;
+        std::vector<std::string> holders;
+        {
+          py::gil_scoped_release release;
+          Check(reader.Lookup(k, &epoch, &holders));
+        }
+        py::list out(holders.size());
+        for (size_t i = 0; i < holders.size(); ++i) {
+          PyObject* s = PyUnicode_DecodeUTF8(holders[i].data(), static_cast<Py_ssize_t>(holders[i].size()), "strict");
+          if (s == nullptr) throw py::error_already_set();
+          PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), s);
+        }
+        return py::make_tuple(epoch, out);
+      })
+      .def("locate", [](RedisIndexReader& reader, const py::sequence& keys, const std::vector<std::string>& live) {
+        const auto k = ToKeys(keys);
+        int64_t epoch = 0;
+        std::vector<int32_t> holder;
+        {
+          py::gil_scoped_release release;
+          Check(reader.Locate(k, live, &epoch, &holder));
+        }
+        return py::make_tuple(epoch, holder);
+      });
 
   py::class_<ServerOptions>(m, "ServerOptions")
       .def(py::init<>())

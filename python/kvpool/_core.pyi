@@ -10,6 +10,7 @@ import typing
 __all__: list[str] = [
     "Client",
     "Namespace",
+    "RedisIndexReader",
     "Server",
     "ServerOptions",
     "chain_block_keys",
@@ -52,6 +53,23 @@ class Namespace:
     def tp_size(self) -> int: ...
     @tp_size.setter
     def tp_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+
+class RedisIndexReader:
+    def __init__(
+        self,
+        host: str,
+        port: typing.SupportsInt | typing.SupportsIndex,
+        username: str,
+        password: str,
+        db: typing.SupportsInt | typing.SupportsIndex,
+        meta_key: str,
+        partition_keys: collections.abc.Sequence[str],
+        timeout_ms: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def locate(
+        self, arg0: collections.abc.Sequence, arg1: collections.abc.Sequence[str]
+    ) -> tuple[int, list[int]]: ...
+    def lookup(self, arg0: collections.abc.Sequence) -> tuple[int, list]: ...
 
 class ServerOptions:
     eviction: str

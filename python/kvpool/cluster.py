@@ -135,17 +135,28 @@ class Cluster:
         )
         return [[members[i] for i in r] for r in ranks]
 
+    def _holders(self, keys: Sequence[bytes]) -> tuple[list[Member], list[int]] | None:
+        """A member view and, per key, the index in it of a live holder (-1: none) per the
+        index; None when Redis is unreachable."""
+        try:
+            for _ in range(2):
+                members = self._members
+                epoch, holder = self._registry.locate(list(keys), [m.entry for m in members])
+                if epoch == self._epoch:
+                    break
+                self._refresh(epoch=epoch)  # the view moved: map again against the new one
+            return members, holder
+        except Exception as e:  # noqa: BLE001 - index unreachable
+            log.debug("index lookup failed (%s)", e)
+            return None
+
     def _locate(self, keys: Sequence[bytes]) -> list[list[Member]]:
         """Live holders of each key per the index; placement when Redis is unreachable."""
-        try:
-            epoch, holders = self._registry.lookup_with_epoch(list(keys))
-            if epoch != self._epoch:
-                self._refresh(epoch=epoch)
-        except Exception as e:  # noqa: BLE001 - index unreachable: fall back to placement
-            log.debug("index lookup failed (%s); using placement", e)
+        found = self._holders(keys)
+        if found is None:
             return self._place(keys, 1 + self.replicas)
-        live = self._live
-        return [[live[e] for e in h if e in live] for h in holders]
+        members, holder = found
+        return [[members[j]] if j >= 0 else [] for j in holder]
 
     # -- fan-out -------------------------------------------------------------------------------
 
@@ -238,23 +249,27 @@ class Cluster:
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         """Asks the nodes the index names (so a block evicted since it was listed is absent)."""
+        return self._exists_at(keys, self._locate(keys))
+
+    def _exists_at(self, keys: Sequence[bytes], targets: list[list[Member]]) -> list[bool]:
         out = [False] * len(keys)
-        for idx, present in self._fan_out(
-            self._group(self._locate(keys)), lambda c, idx: c.exists([keys[i] for i in idx])
-        ):
+        results = self._fan_out(
+            self._group(targets), lambda c, idx: c.exists([keys[i] for i in idx])
+        )
+        for idx, present in results:
             if present is not None:
                 for i, p in zip(idx, present, strict=True):
                     out[i] = p
         return out
 
     def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """How many leading keys are held by live nodes, per the index (one Redis pipeline)."""
-        n = 0
-        for holders in self._locate(keys):
-            if not holders:
-                break
-            n += 1
-        return n
+        """How many leading keys are held by live nodes, per the index (one Redis round trip);
+        when Redis is unreachable, per the placement nodes."""
+        found = self._holders(keys)
+        if found is None:  # index unreachable: ask the placement nodes themselves
+            present = self._exists_at(keys, self._place(keys, 1 + self.replicas))
+            return next((i for i, p in enumerate(present) if not p), len(keys))
+        return next((i for i, j in enumerate(found[1]) if j < 0), len(keys))
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Deletes keys from every live node; returns how many keys were present anywhere."""

@@ -12,6 +12,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from kvpool import _core
 from kvpool.errors import KVPoolError
 
 __all__ = [
@@ -167,6 +168,7 @@ class Registry:
     def __init__(self, redis: Any, cluster: str) -> None:
         self.redis = redis
         self.keys = ClusterKeys(cluster)
+        self._reader = _index_reader(redis, self.keys)
 
     def join(
         self, node_id: str, address: str, transports: str, capacity: int, ttl_ms: int
@@ -278,7 +280,11 @@ class Registry:
 
     def lookup_with_epoch(self, keys: list[bytes]) -> tuple[int, list[list[str]]]:
         """The cluster epoch and the published holders of each key, in one pipeline: one call
-        per partition the keys fall in, plus the epoch."""
+        per partition the keys fall in, plus the epoch. Plain-TCP Redis is read by the core's
+        RedisIndexReader (C++, no per-key Python work); TLS and unix sockets use redis-py."""
+        if self._reader is not None:
+            epoch, holders = self._reader.lookup(keys)
+            return int(epoch), [h.split(",") if h else [] for h in holders]
         by_part: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             by_part.setdefault(partition_of(k), []).append(i)
@@ -295,6 +301,16 @@ class Registry:
                     out[i] = _s(v).split(",")
         return int(replies[0]), out
 
+    def locate(self, keys: list[bytes], live: list[str]) -> tuple[int, list[int]]:
+        """The epoch and, per key, the index in ``live`` (``node@incarnation`` entries) of its
+        first published live holder, or -1: entries of dead incarnations never come back."""
+        if self._reader is not None:
+            epoch, holder = self._reader.locate(keys, live)
+            return int(epoch), list(holder)
+        epoch, holders = self.lookup_with_epoch(keys)
+        where = {e: i for i, e in enumerate(live)}
+        return epoch, [next((where[e] for e in h if e in where), -1) for h in holders]
+
     def gc(self, live_entries: list[str], page: int = 1000) -> int:
         """Drops index entries of incarnations not in ``live_entries``; returns how many."""
         removed = 0
@@ -309,6 +325,27 @@ class Registry:
                 if cursor == "0":
                     break
         return removed
+
+
+def _index_reader(redis: Any, keys: ClusterKeys) -> Any:
+    """The core's fast index reader for a plain-TCP Redis, else None."""
+    import redis as redis_py
+
+    pool = getattr(redis, "connection_pool", None)
+    if pool is None or pool.connection_class is not redis_py.Connection:
+        return None
+    kw = pool.connection_kwargs
+    timeout = kw.get("socket_timeout") or 5.0
+    return _core.RedisIndexReader(
+        kw.get("host", "127.0.0.1"),
+        int(kw.get("port", 6379)),
+        kw.get("username") or "",
+        kw.get("password") or "",
+        int(kw.get("db", 0) or 0),
+        keys.membership[0],
+        [keys.loc(p) for p in range(NUM_PARTITIONS)],
+        int(timeout * 1000),
+    )
 
 
 def node_id_for(address: str) -> str:

@@ -151,6 +151,22 @@ Status RecvAllV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {
   return Status::Ok();
 }
 
+Status RecvSome(int fd, struct iovec* iov, Deadline deadline) {
+  while (true) {
+    const ssize_t n = recv(fd, iov->iov_base, iov->iov_len, 0);
+    if (n > 0) {
+      iov->iov_len -= static_cast<size_t>(n);
+      return Status::Ok();
+    }
+    if (n == 0) return Status(ErrorCode::kClosed, "connection closed by peer");
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      KVPOOL_RETURN_IF_ERROR(Wait(fd, POLLIN, deadline));
+    } else if (errno != EINTR) {
+      return Errno("recv");
+    }
+  }
+}
+
 Status RecvAll(int fd, void* buf, size_t n, Deadline deadline) {
   iovec iov{buf, n};
   return RecvAllV(fd, &iov, 1, deadline);

@@ -76,6 +76,8 @@ Status Discard(int fd, size_t n, uint8_t* scratch, size_t scratch_bytes, Deadlin
 /// Writes every byte described by iov (modified in place as it is consumed).
 Status SendAll(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline);
 Status SendAll(int fd, const void* buf, size_t n, Deadline deadline);
+/// Reads at least one byte into `iov` (whatever is available); iov_len shrinks by the amount read.
+Status RecvSome(int fd, struct iovec* iov, Deadline deadline);
 /// Reads into several buffers until all are full (one readv per wake-up).
 Status RecvAllV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline);
 
