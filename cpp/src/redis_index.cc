@@ -208,10 +208,11 @@ Status RedisIndexReader::Lookup(std::span<const Key128> keys, int64_t* epoch, st
 
 Status RedisIndexReader::Locate(std::span<const Key128> keys, std::span<const std::string> live, int64_t* epoch,
                                 std::vector<int32_t>* holder) {
-  KVPOOL_RETURN_IF_ERROR(Lookup(keys, epoch, &holders_));
+  std::vector<std::string> holders;  // per call: concurrent calls must not share it
+  KVPOOL_RETURN_IF_ERROR(Lookup(keys, epoch, &holders));
   holder->assign(keys.size(), -1);
   for (size_t i = 0; i < keys.size(); ++i) {
-    std::string_view list = holders_[i];
+    std::string_view list = holders[i];
     while (!list.empty() && (*holder)[i] < 0) {
       const size_t comma = list.find(',');
       const std::string_view entry = list.substr(0, comma);

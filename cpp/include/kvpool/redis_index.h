@@ -60,7 +60,6 @@ class RedisIndexReader {
   // Reused per call.
   std::vector<std::vector<uint32_t>> by_partition_;
   std::string request_;
-  std::vector<std::string> holders_;
 };
 
 }  // namespace kvpool
