@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from kvpool import _core
+from kvpool._closing import Closing
 from kvpool.errors import InvalidArgumentError, KVPoolConnectionError
 
 __all__ = ["Client", "parse_address"]
@@ -38,7 +38,7 @@ def _as_buffer(block: Any, *, writable: bool) -> Any:
     return block
 
 
-class Client:
+class Client(Closing):
     """A connection pool to one storage node.
 
     Every call is batched (a batch larger than the node's limits is split and pipelined), has a
@@ -111,17 +111,6 @@ class Client:
     def close(self) -> None:
         """Closes every connection. The client is unusable afterwards."""
         self._handle = None
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"kvpool.Client({self.address!r})"

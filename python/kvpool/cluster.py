@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from types import TracebackType
 from typing import Any, TypeVar
 
 from kvpool import _core
+from kvpool._closing import Closing
 from kvpool.client import Client
 from kvpool.errors import InvalidArgumentError, KVPoolError
 from kvpool.metadata import Member, Registry, load_library
@@ -27,7 +27,7 @@ _SUSPECT_SECONDS = 1.0
 _EPOCH_POLL_SECONDS = 0.2
 
 
-class Cluster:
+class Cluster(Closing):
     """Reads and writes blocks across all live nodes of a cluster.
 
     Writes go to the nodes chosen by weighted rendezvous hashing (``replicas`` extra copies on the
@@ -311,17 +311,6 @@ class Cluster:
             c.close()
         self._clients.clear()
         self._redis.close()
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _buf(block: Any) -> Any:

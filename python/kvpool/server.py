@@ -6,10 +6,10 @@ import json
 import logging
 import signal
 import threading
-from types import TracebackType
 from typing import Any
 
 from kvpool import _core
+from kvpool._closing import Closing
 from kvpool.config import ServerConfig
 
 __all__ = ["LocalServer", "serve"]
@@ -37,7 +37,7 @@ def _core_options(config: ServerConfig) -> Any:
     return o
 
 
-class LocalServer:
+class LocalServer(Closing):
     """A storage node running in this process (its I/O threads are C++ threads).
 
     ``kvpool server`` wraps one of these; tests and ``kvpool local`` embed it directly::
@@ -74,16 +74,7 @@ class LocalServer:
             self._server.stop()
             self._server = None
 
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop
 
 
 def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
