@@ -21,8 +21,13 @@ redis.register_function('kvpool_join', function(keys, argv)
     return E_BAD_ARGS
   end
   reap(keys[1], keys[2], keys[3], keys[4])
-  local inc = rcall('HINCRBY', keys[1], 'next_incarnation', 1)
   local now = now_ms()
+  if rcall('HEXISTS', keys[1], 'next_incarnation') == 0 then
+    -- A new (or emptied) cluster counts from the clock, so incarnations and epochs never repeat
+    -- values handed out before Redis lost its data: stale views and zombie nodes stay fenced.
+    rcall('HSET', keys[1], 'next_incarnation', now, 'epoch', math.max(now, epoch(keys[1])))
+  end
+  local inc = rcall('HINCRBY', keys[1], 'next_incarnation', 1)
   rcall('HSET', keys[2], node_id, table.concat({inc, address, transports or '', capacity, now}, '|'))
   rcall('ZADD', keys[3], now + ttl, node_id)
   local ep = rcall('HINCRBY', keys[1], 'epoch', 1)

@@ -87,6 +87,24 @@ class BufferViews {
   std::vector<Py_buffer> views_;
 };
 
+/// An int's value; token lists are mostly small ints, read without the generic conversion.
+inline long long SmallLongValue(PyObject* o) {
+#if PY_VERSION_HEX >= 0x030C0000
+  if (PyLong_CheckExact(o) && PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) {
+    return static_cast<long long>(PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o)));
+  }
+#else
+  if (PyLong_CheckExact(o)) {
+    const Py_ssize_t size = Py_SIZE(o);  // number of 30-bit digits, negative for negative ints
+    const auto* digits = reinterpret_cast<PyLongObject*>(o)->ob_digit;
+    if (size == 0) return 0;
+    if (size == 1) return static_cast<long long>(digits[0]);
+    if (size == -1) return -static_cast<long long>(digits[0]);
+  }
+#endif
+  return PyLong_AsLongLong(o);
+}
+
 [[noreturn]] void BadToken(size_t i, long long v) {
   throw StatusError{Invalid("token " + std::to_string(i) + " = " + std::to_string(v) +
                             " is outside [0, 2**32)")};
@@ -132,7 +150,7 @@ std::vector<uint32_t> ToTokens(const py::object& tokens) {
   PyObject** items = PySequence_Fast_ITEMS(fast);
   out.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    const long long v = PyLong_AsLongLong(items[i]);
+    const long long v = SmallLongValue(items[i]);
     if (v == -1 && PyErr_Occurred()) {
       PyErr_Clear();
       throw StatusError{Invalid("token " + std::to_string(i) + " is not an int")};

@@ -5,6 +5,7 @@ read back blocks any engine computed. This package holds the Python API over the
 """
 
 from kvpool.client import Client
+from kvpool.cluster import Cluster
 from kvpool.config import ServerConfig, parse_size
 from kvpool.errors import (
     ConfigError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "Cluster",
     "ConfigError",
     "ErrorCode",
     "InvalidArgumentError",

@@ -97,27 +97,27 @@ class ClusterAgent:
             try:
                 if not self.incarnation:
                     self._try_join()
-                    if not self.incarnation:
-                        self._stop.wait(backoff)
-                        backoff = min(backoff * 2, 2.0)
-                        continue
-                backoff = 0.1
-                self._drain()
-                self._publish_pending()
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + self.ttl_ms / 3000
+                if self.incarnation:
+                    self._drain()
+                    self._publish_pending()
+                    if time.monotonic() >= next_beat:
+                        self._heartbeat()
+                        next_beat = time.monotonic() + self.ttl_ms / 3000
+                    backoff = 0.1
+                    continue
             except MetadataError as e:
                 log.warning("cluster membership lost (%s); joining again", e)
                 self.incarnation = 0
             except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry
-                if "kvpool_" in str(e) and "not found" in str(e).lower():
+                if "function not found" in str(e).lower():
+                    # Redis lost its data (or the library was removed): join again, which
+                    # loads the library and re-publishes every key.
                     log.warning("kvpool library missing in Redis (data lost?); joining again")
                     self.incarnation = 0
                 else:
                     log.warning("redis unavailable (%s); the node keeps serving", e)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 2.0)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
 
     def _try_join(self) -> None:
         try:

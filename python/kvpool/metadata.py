@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Must equal LIBRARY_VERSION in redis_scripts/00_common.lua.
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2
 #: Fixed number of index partitions; part of the cluster's data format (changing it orphans the
 #: index of a running cluster).
 NUM_PARTITIONS = 16
