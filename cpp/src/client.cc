@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "support/socket.h"
 
@@ -17,6 +18,8 @@ constexpr size_t kScratchBytes = 256 << 10;
 // requests queued behind a large reply always fit in the socket buffers.
 constexpr size_t kPutWindow = 4;
 constexpr size_t kQueryWindow = 2;
+// Batches at least this large are moved over two connections at once (Client::InHalves).
+constexpr uint64_t kParallelBatchBytes = uint64_t{8} << 20;
 
 struct Range {
   size_t begin, end;
@@ -219,6 +222,28 @@ Status Client::Put(std::span<const Key128> keys, std::span<const ConstBuffer> bl
     return Status(ErrorCode::kInvalidArgument, std::to_string(keys.size()) + " keys but " +
                                                    std::to_string(blocks.size()) + " blocks");
   }
+  uint64_t bytes = 0;
+  for (const auto& b : blocks) bytes += b.size;
+  return InHalves(keys.size(), bytes, [&](size_t begin, size_t end) {
+    return PutRange(keys.subspan(begin, end - begin), blocks.subspan(begin, end - begin),
+                    statuses.subspan(begin, end - begin));
+  });
+}
+
+Status Client::InHalves(size_t n, uint64_t bytes, const std::function<Status(size_t, size_t)>& fn) {
+  // One connection moves a large batch at the speed of one copy per side; two connections let
+  // the kernel's copies for both halves run on two cores (and two I/O threads on the node).
+  if (n < 2 || bytes < kParallelBatchBytes) return fn(0, n);
+  const size_t half = n / 2;
+  Status second;
+  std::thread t([&] { second = fn(half, n); });
+  Status first = fn(0, half);
+  t.join();
+  return first.ok() ? second : first;
+}
+
+Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffer> blocks,
+                        std::span<uint8_t> statuses) {
   const auto deadline = net::Deadline::In(std::chrono::milliseconds(options_.timeout_ms));
   return WithConnection([&](Connection& c) -> Status {
     for (size_t i = 0; i < blocks.size(); ++i) {
@@ -307,10 +332,16 @@ Status Client::GetInto(std::span<const Key128> keys, std::span<const MutableBuff
     return Status(ErrorCode::kInvalidArgument, std::to_string(keys.size()) + " keys but " +
                                                    std::to_string(buffers.size()) + " buffers");
   }
-  return Get(
-      keys,
-      [&](size_t i, size_t size) { return size == buffers[i].size ? buffers[i].data : nullptr; },
-      found);
+  uint64_t bytes = 0;
+  for (const auto& b : buffers) bytes += b.size;
+  return InHalves(keys.size(), bytes, [&](size_t begin, size_t end) {
+    return Get(
+        keys.subspan(begin, end - begin),
+        [&](size_t i, size_t size) {
+          return size == buffers[begin + i].size ? buffers[begin + i].data : nullptr;
+        },
+        found.subspan(begin, end - begin));
+  });
 }
 
 Status Client::KeyRequest(Op op, std::span<const Key128> keys,

@@ -725,6 +725,39 @@ TEST(ServerStop, ReturnsPromptlyWithConnectedClients) {
   EXPECT_FALSE(s.ok());
 }
 
+TEST(ServerLargeBatch, SplitOverTwoConnectionsKeepsEveryIndex) {
+  ServerOptions options = SmallServer(64 << 20);
+  options.limits.max_block_bytes = 1 << 20;
+  options.limits.max_frame_bytes = 8 << 20;  // also forces several frames per half
+  auto server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  auto client = ConnectClient(server->port());
+  ASSERT_NE(client, nullptr);
+  // 40 x 512 KiB = 20 MiB: above the client's threshold for moving a batch in two halves.
+  constexpr size_t kSize = 512 << 10;
+  std::vector<uint64_t> ids;
+  for (uint64_t i = 0; i < 40; ++i) ids.push_back(5000 + i);
+  for (uint8_t st : PutBlocks(*client, ids, kSize)) EXPECT_EQ(st, 0);
+  // Read back with a missing key and a wrong-sized buffer in the second half.
+  std::vector<Key128> keys;
+  for (uint64_t id : ids) keys.push_back(KeyOf(id));
+  keys[30] = KeyOf(999999999);
+  std::vector<std::vector<uint8_t>> out(keys.size(), std::vector<uint8_t>(kSize));
+  out[35].resize(kSize - 1);
+  std::vector<MutableBuffer> bufs;
+  for (auto& o : out) bufs.push_back({o.data(), o.size()});
+  std::vector<uint8_t> found(keys.size(), 9);
+  ASSERT_TRUE(client->GetInto(keys, bufs, found).ok());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (i == 30 || i == 35) {
+      EXPECT_EQ(found[i], 0) << i;
+      continue;
+    }
+    ASSERT_EQ(found[i], 1) << i;
+    EXPECT_EQ(out[i], BlockOf(ids[i], kSize)) << i;
+  }
+}
+
 TEST(ServerConcurrency, ManyClientsPutAndGet) {
   auto server = StartServer(SmallServer(64 << 20));
   ASSERT_NE(server, nullptr);
