@@ -338,3 +338,189 @@ class RawConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: real ``redis-server`` processes on free ports (cluster metadata tests).
+
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class RedisProcess:
+    """One ``redis-server`` on 127.0.0.1 (no persistence, so a restart comes back empty), also
+    listening on the unix socket ``unix_socket``. Readiness is a PING answered within a
+    deadline; it is stopped by PID. ``restart()`` brings up a fresh, empty server on the same
+    port."""
+
+    def __init__(self, port: int = 0, *, extra: Sequence[str] = ()) -> None:
+        import tempfile
+
+        self.exe = "redis-server"
+        self.extra = list(extra)
+        self._dir = tempfile.mkdtemp(prefix="kvpool-redis-")
+        self.unix_socket = os.path.join(self._dir, "redis.sock")
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log(self) -> str:
+        try:
+            return Path(self._dir, "redis.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> RedisProcess:
+        assert self.proc is None or self.proc.poll() is not None, "redis-server already running"
+        # --dir keeps any stray file away from the working tree; --save '' and --appendonly no
+        # mean a restart always starts empty.
+        argv = [
+            self.exe,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._dir,
+            "--unixsocket", self.unix_socket,
+            "--unixsocketperm", "700",
+            "--logfile", os.path.join(self._dir, "redis.log"),
+            "--daemonize", "no",
+            *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        r = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        try:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server on port {self.port} exited with {self.proc.returncode}:\n"
+                        f"{self.log}"
+                    )
+                try:
+                    if r.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(
+                        f"redis-server on port {self.port} did not answer PING within "
+                        f"{REDIS_START_TIMEOUT_S} s:\n{self.log}"
+                    )
+                time.sleep(0.01)
+        finally:
+            r.close()
+
+    def client(self, **kwargs: Any) -> Any:
+        """A redis-py client of this server (TCP)."""
+        import redis
+
+        kwargs.setdefault("socket_timeout", 5.0)
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the data is gone; the port is free again once this returns."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after STOP_TIMEOUT_S)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> RedisProcess:
+        """Kills the server (if running) and starts a fresh, empty one on the same port."""
+        self.kill()
+        return self.start()
+
+    def cleanup(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """One redis-server for the session. Tests that use it pick their own cluster names (see
+    ``cluster_name``), so they never see each other's keys."""
+    server = RedisProcess()
+    yield server
+    server.cleanup()
+
+
+RedisFactory = Callable[..., RedisProcess]
+
+
+@pytest.fixture
+def start_redis() -> Iterator[RedisFactory]:
+    """Factory for redis-servers of a test's own (``start_redis(port=0, extra=[...])``, extra
+    being more redis-server arguments), e.g. to kill and restart; all are stopped at the end of
+    the test."""
+    servers: list[RedisProcess] = []
+
+    def start(port: int = 0, extra: Sequence[str] = ()) -> RedisProcess:
+        server = RedisProcess(port, extra=extra)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.cleanup()
+
+
+def cluster_name(prefix: str = "t") -> str:
+    """A cluster name no other test uses."""
+    return f"{prefix}{os.urandom(6).hex()}"
+
+
+@pytest.fixture
+def start_cluster_node(start_node: ServerFactory) -> ServerFactory:
+    """Factory for ``kvpool server`` nodes that join a cluster:
+    ``start_cluster_node(redis_url, cluster, memory="64MiB", lease_ttl=1.0, port=0, extra=[...])``.
+    Same teardown as ``start_node`` (nodes still running are SIGTERMed and must exit 0)."""
+
+    def start(
+        redis_url: str,
+        cluster: str,
+        *,
+        memory: str = "64MiB",
+        lease_ttl: float = 1.0,
+        port: int = 0,
+        eviction: str | None = None,
+        extra: Sequence[str] = (),
+        wait: bool = True,
+    ) -> ServerProcess:
+        args = ["--redis", redis_url, "--cluster", cluster, "--lease-ttl", str(lease_ttl)]
+        return start_node(
+            memory=memory, eviction=eviction, port=port, wait=wait, extra=[*args, *extra]
+        )
+
+    return start
