@@ -25,7 +25,7 @@ Domain errors are negative integer replies (kvpool.metadata.MetadataErrorCode mi
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function rcall(...) return redis.call(...) end
 
-local LIBRARY_VERSION = 2
+local LIBRARY_VERSION = 3
 local E_BAD_ARGS, E_FENCED, E_NOT_MEMBER = -1, -2, -3
 
 local function now_ms()

@@ -74,14 +74,21 @@ redis.register_function{function_name = 'kvpool_lookup', flags = {'no-writes'},
 --[[
 kvpool_gc: drops entries of incarnations that are not live, one HSCAN page per call.
   KEYS: loc
-  ARGV: cursor, count, live "node@incarnation" entries...
-  reply: {next cursor ("0" when done), entries removed}
+  ARGV: cursor, count, then live "node@incarnation" entries; an argument ">N" instead keeps
+        every incarnation greater than N (nodes that joined after the caller read the members)
+  reply: {next cursor ("0" when done), entries removed} | -1
 ]]
 redis.register_function('kvpool_gc', function(keys, argv)
   local cursor, count = argv[1], tonumber(argv[2])
   if not cursor or not count or count <= 0 then return E_BAD_ARGS end
-  local live = {}
-  for i = 3, #argv do live[argv[i]] = true end
+  local live, newer_than = {}, math.huge
+  for i = 3, #argv do
+    if string.sub(argv[i], 1, 1) == '>' then
+      newer_than = tonumber(string.sub(argv[i], 2)) or math.huge
+    else
+      live[argv[i]] = true
+    end
+  end
   local page = rcall('HSCAN', keys[1], cursor, 'COUNT', count)
   local removed = 0
   local fields = page[2]
@@ -89,7 +96,8 @@ redis.register_function('kvpool_gc', function(keys, argv)
     local kept = {}
     local entries = split(fields[i + 1], ',')
     for _, e in ipairs(entries) do
-      if live[e] then kept[#kept + 1] = e end
+      local inc = tonumber(string.match(e, '@(%d+)$') or '0')
+      if live[e] or inc > newer_than then kept[#kept + 1] = e end
     end
     if #kept < #entries then
       removed = removed + #entries - #kept

@@ -10,6 +10,7 @@ Redis lost all its data.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Any
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Events drained per publish round (one Redis pipeline).
 _DRAIN_BATCH = 8192
+#: Seconds between sweeps of the index for entries of dead incarnations (jittered per node).
+_GC_INTERVAL = 60.0
 
 
 class ClusterAgent:
@@ -92,6 +95,7 @@ class ClusterAgent:
 
     def _run(self) -> None:
         next_beat = time.monotonic() + self.ttl_ms / 3000
+        next_gc = time.monotonic() + _GC_INTERVAL * random.uniform(0.5, 1.5)
         backoff = 0.1
         while not self._stop.wait(self.publish_interval):
             try:
@@ -103,6 +107,11 @@ class ClusterAgent:
                     if time.monotonic() >= next_beat:
                         self._heartbeat()
                         next_beat = time.monotonic() + self.ttl_ms / 3000
+                    if time.monotonic() >= next_gc:
+                        removed = self.registry.collect_garbage()
+                        if removed:
+                            log.info("removed %d index entries of dead incarnations", removed)
+                        next_gc = time.monotonic() + _GC_INTERVAL * random.uniform(0.5, 1.5)
                     backoff = 0.1
                     continue
             except MetadataError as e:

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 #: Must equal LIBRARY_VERSION in redis_scripts/00_common.lua.
-LIBRARY_VERSION = 2
+LIBRARY_VERSION = 3
 #: Fixed number of index partitions; part of the cluster's data format (changing it orphans the
 #: index of a running cluster).
 NUM_PARTITIONS = 16
@@ -215,6 +215,16 @@ class Registry:
             )
         )
 
+    def collect_garbage(self, page: int = 1000) -> int:
+        """Drops the index entries of every incarnation that is no longer a member."""
+        _, members = self.members()
+        newest = max((m.incarnation for m in members), default=0)
+        # An empty member list says nothing about incarnations that join meanwhile: keep all
+        # entries above the newest one handed out so far.
+        if not members:
+            newest = int(self.redis.hget(self.keys.membership[0], "next_incarnation") or 0)
+        return self.gc([m.entry for m in members], page, keep_newer_than=newest)
+
     def members(self) -> tuple[int, list[Member]]:
         reply = self.redis.fcall("kvpool_members", 4, *self.keys.membership)
         return int(reply[0]), [Member.parse(_s(n), _s(i), int(e or 0)) for n, i, e in reply[1:]]
@@ -311,8 +321,14 @@ class Registry:
         where = {e: i for i, e in enumerate(live)}
         return epoch, [next((where[e] for e in h if e in where), -1) for h in holders]
 
-    def gc(self, live_entries: list[str], page: int = 1000) -> int:
-        """Drops index entries of incarnations not in ``live_entries``; returns how many."""
+    def gc(
+        self, live_entries: list[str], page: int = 1000, *, keep_newer_than: int | None = None
+    ) -> int:
+        """Drops index entries of incarnations not in ``live_entries`` (keeping any incarnation
+        above ``keep_newer_than``: nodes that joined after the member list was read); returns
+        how many."""
+        if keep_newer_than is not None:
+            live_entries = [*live_entries, f">{keep_newer_than}"]
         removed = 0
         for p in range(NUM_PARTITIONS):
             cursor = "0"

@@ -875,3 +875,29 @@ def test_redis_cli_fcall(redis_server: RedisProcess, r: redis.Redis) -> None:
     assert redis_cli(redis_server, "FCALL", "kvpool_leave", "4", *m, "ops", str(inc)) == [
         str(NOT_MEMBER)
     ]
+
+
+def test_gc_keeps_incarnations_newer_than_the_member_list(r: redis.Redis, ck: ClusterKeys) -> None:
+    """A node that joins after the sweeper read the members must not lose its fresh entries."""
+    reg = Registry(r, ck.name)
+    old_inc, _ = reg.join("old", "h:1", "tcp", 1, 60_000)
+    reg.fence_all("old", old_inc)
+    k = keys_in(5, 30)
+    reg.publish("old", old_inc, k[:10], [])
+    reg.leave("old", old_inc)  # old@inc is dead now
+    _, members = reg.members()
+    newest = max((m.incarnation for m in members), default=old_inc)
+    # "new" joins after that member list was read.
+    new_inc, _ = reg.join("new", "h:2", "tcp", 1, 60_000)
+    reg.fence_all("new", new_inc)
+    reg.publish("new", new_inc, k[10:20], [])
+    removed = reg.gc([m.entry for m in members], keep_newer_than=newest)
+    assert removed == 10
+    holders = reg.lookup(k[:20])
+    assert holders[:10] == [[]] * 10
+    assert holders[10:] == [[f"new@{new_inc}"]] * 10
+    # The agent's sweep reads the members itself; "new" is live, so nothing more goes.
+    assert reg.collect_garbage() == 0
+    assert reg.lookup(k[10:20]) == [[f"new@{new_inc}"]] * 10
+    reg.leave("new", new_inc)
+    assert reg.collect_garbage() == 10
