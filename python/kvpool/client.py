@@ -74,11 +74,14 @@ class Client(Closing):
         """Stores ``blocks[i]`` under ``keys[i]``. Blocks are immutable: a key that exists is
         left as it is. Returns how many of the keys the node holds after the call (newly
         stored or already present); the rest were refused for lack of space."""
+        return sum(self.put_held(keys, blocks))
+
+    def put_held(self, keys: Sequence[bytes], blocks: Sequence[Any]) -> list[bool]:
+        """Like :meth:`put`, per key: whether the node holds it after the call."""
         if len(keys) != len(blocks):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
         views = [_as_buffer(b, writable=False) for b in blocks]
-        statuses = self._native.put(keys, views)
-        return sum(1 for s in statuses if s in (_STORED, _EXISTS))
+        return [s in (_STORED, _EXISTS) for s in self._native.put(keys, views)]
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The blocks' bytes, ``None`` for keys the node does not hold."""
@@ -101,7 +104,11 @@ class Client(Closing):
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Removes keys; returns how many were present. Readers in flight finish first."""
-        return sum(self._native.delete(keys))
+        return sum(self.delete_each(keys))
+
+    def delete_each(self, keys: Sequence[bytes]) -> list[bool]:
+        """Like :meth:`delete`, per key: whether it was present."""
+        return list(self._native.delete(keys))
 
     def stats(self) -> dict[str, Any]:
         """The node's counters: capacity/used bytes, entries, hits, misses, evictions, ..."""

@@ -213,14 +213,12 @@ class Cluster(Closing):
             groups = self._group(targets, copy)
             results = self._fan_out(
                 groups,
-                lambda c, idx: c._native.put(
-                    [keys[i] for i in idx], [_buf(blocks[i]) for i in idx]
-                ),
+                lambda c, idx: c.put_held([keys[i] for i in idx], [blocks[i] for i in idx]),
             )
-            for idx, statuses in results:
-                if statuses is not None:
-                    for i, s in zip(idx, statuses, strict=True):
-                        held[i] = held[i] or s in (0, 1)
+            for idx, ok in results:
+                if ok is not None:
+                    for i, h in zip(idx, ok, strict=True):
+                        held[i] = held[i] or h
         return sum(held)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -279,7 +277,7 @@ class Cluster(Closing):
         for copy in range(len(self._members)):
             for idx, flags in self._fan_out(
                 self._group(everywhere, copy),
-                lambda c, idx: c._native.delete([keys[i] for i in idx]),
+                lambda c, idx: c.delete_each([keys[i] for i in idx]),
             ):
                 if flags is not None:
                     for i, f in zip(idx, flags, strict=True):
@@ -311,9 +309,3 @@ class Cluster(Closing):
             c.close()
         self._clients.clear()
         self._redis.close()
-
-
-def _buf(block: Any) -> Any:
-    from kvpool.client import _as_buffer
-
-    return _as_buffer(block, writable=False)
