@@ -62,6 +62,7 @@ class Cluster(Closing):
         self._epoch = -1
         self._members: list[Member] = []
         self._live: dict[str, Member] = {}
+        self._view: tuple[list[Member], list[str]] = ([], [])
         self._clients: dict[str, Client] = {}
         self._suspect: dict[str, float] = {}
         self._epoch_checked = 0.0
@@ -96,6 +97,7 @@ class Cluster(Closing):
             self._epoch = new_epoch
             self._members = sorted(members, key=lambda m: m.node_id)
             self._live = {m.entry: m for m in self._members}
+            self._view = (self._members, [m.entry for m in self._members])
             for entry in [e for e in self._clients if e not in self._live]:
                 self._clients.pop(entry).close()
 
@@ -140,8 +142,8 @@ class Cluster(Closing):
         index; None when Redis is unreachable."""
         try:
             for _ in range(2):
-                members = self._members
-                epoch, holder = self._registry.locate(list(keys), [m.entry for m in members])
+                members, live = self._view  # one attribute read: the two always match
+                epoch, holder = self._registry.locate(keys, live)
                 if epoch == self._epoch:
                     break
                 self._refresh(epoch=epoch)  # the view moved: map again against the new one
@@ -267,7 +269,8 @@ class Cluster(Closing):
         if found is None:  # index unreachable: ask the placement nodes themselves
             present = self._exists_at(keys, self._place(keys, 1 + self.replicas))
             return next((i for i, p in enumerate(present) if not p), len(keys))
-        return next((i for i, j in enumerate(found[1]) if j < 0), len(keys))
+        holder = found[1]
+        return holder.index(-1) if -1 in holder else len(holder)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Deletes keys from every live node; returns how many keys were present anywhere."""

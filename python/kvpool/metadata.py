@@ -7,6 +7,7 @@ errors become :class:`MetadataError` subclasses here and nowhere else.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -311,13 +312,13 @@ class Registry:
                     out[i] = _s(v).split(",")
         return int(replies[0]), out
 
-    def locate(self, keys: list[bytes], live: list[str]) -> tuple[int, list[int]]:
+    def locate(self, keys: Sequence[bytes], live: list[str]) -> tuple[int, list[int]]:
         """The epoch and, per key, the index in ``live`` (``node@incarnation`` entries) of its
         first published live holder, or -1: entries of dead incarnations never come back."""
         if self._reader is not None:
             epoch, holder = self._reader.locate(keys, live)
-            return int(epoch), list(holder)
-        epoch, holders = self.lookup_with_epoch(keys)
+            return int(epoch), holder
+        epoch, holders = self.lookup_with_epoch(list(keys))
         where = {e: i for i, e in enumerate(live)}
         return epoch, [next((where[e] for e in h if e in where), -1) for h in holders]
 
