@@ -11,8 +11,10 @@ where util-linux has it: the kernel then sends them SIGTERM when their parent di
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -23,8 +25,10 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 __all__ = [
     "LatencyStats",
@@ -300,3 +304,43 @@ class LatencyStats:
     def of(cls, seconds: Sequence[float]) -> LatencyStats:
         ms = [s * 1e3 for s in seconds]
         return cls(len(ms), percentile(ms, 50), percentile(ms, 99), max(ms, default=math.nan))
+
+
+def run_meta(dists: Sequence[str], tools: Sequence[str], plan: Any) -> dict[str, Any]:
+    """What a result file needs to be compared later: when, the command, the host, the versions
+    of the Python distributions and command-line tools involved, the git commit, and the plan."""
+    versions: dict[str, Any] = {}
+    for dist in dists:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    for tool in tools:
+        path = shutil.which(tool)
+        if path:
+            res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+            text = (res.stdout or res.stderr).strip()
+            versions[tool] = text.splitlines()[0] if res.returncode == 0 and text else "?"
+    repo = Path(__file__).resolve().parents[1]
+    git = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    )
+    versions["git"] = {
+        "head": git.stdout.strip(),
+        "modified": [x[3:] for x in dirty.stdout.splitlines() if x.strip()],
+    }
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime()),
+        "command": [sys.executable, *sys.argv],
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "plan": asdict(plan),
+    }

@@ -36,16 +36,13 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import selectors
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -68,6 +65,7 @@ from _util import (
     log,
     median,
     percentile,
+    run_meta,
 )
 
 HOST = "127.0.0.1"
@@ -1296,32 +1294,6 @@ def lookup_breakdown(state: dict[str, Any], longest: int) -> dict[str, float]:
 # Command line
 
 
-def versions() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for dist in ("kvpool", "numpy", "redis", "hiredis"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    exe = shutil.which("redis-server")
-    if exe:
-        res = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
-        out["redis-server"] = res.stdout.strip()
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.split("\n")
-        out["git"] = {"head": head, "modified": [x[3:] for x in dirty if x.strip()]}
-    except OSError:
-        pass
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="small run (well under a minute)")
@@ -1368,13 +1340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     report: dict[str, Any] = {
         "meta": {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "command": [sys.executable, *sys.argv],
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "versions": versions(),
-            "plan": asdict(plan),
+            **run_meta(("kvpool", "numpy", "redis", "hiredis"), ("redis-server",), plan),
             "loadavg_start": loadavg(),
             "load_note": LOAD_NOTE,
             "units": "GB/s with GB = 1e9 bytes; latency in ms",

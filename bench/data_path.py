@@ -34,7 +34,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from _util import (
     install_interrupt_handlers,
     log,
     median,
+    run_meta,
     wait_for_port,
 )
 
@@ -952,21 +952,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def versions() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for dist in ("kvpool", "numpy", "redis", "hiredis", "mooncake-transfer-engine-non-cuda"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    for exe in ("redis-server", "iperf3"):
-        path = shutil.which(exe)
-        if path:
-            res = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
-            out[exe] = (res.stdout or res.stderr).splitlines()[0] if res.returncode == 0 else "?"
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.mooncake_storage:
@@ -993,14 +978,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "meta": {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "command": [sys.executable, *sys.argv],
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "versions": versions(),
-            "plan": asdict(plan),
+            **run_meta(
+                ("kvpool", "numpy", "redis", "hiredis", "mooncake-transfer-engine-non-cuda"),
+                ("redis-server", "iperf3"),
+                plan,
+            ),
             "units": "GB/s with GB = 1e9 bytes; latency per batch in ms",
         }
     }
