@@ -9,6 +9,7 @@ Redis lost all its data.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -55,8 +56,6 @@ class ClusterAgent:
         self.publish_interval = publish_interval
         self.incarnation = 0  # 0 = not joined
         self.epoch = 0
-        self.published_keys = 0
-        self.publish_round_trips = 0
         self._pending: dict[bytes, bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvpool-agent", daemon=True)
@@ -174,8 +173,6 @@ class ClusterAgent:
             added = [k for k, a in batch.items() if a]
             removed = [k for k, a in batch.items() if not a]
             self.registry.publish(self.node_id, self.incarnation, added, removed)
-            self.publish_round_trips += 1
-            self.published_keys += len(batch)
             for k in batch:
                 del self._pending[k]
 
@@ -184,8 +181,6 @@ class ClusterAgent:
         self.epoch = self.registry.heartbeat(self.node_id, self.incarnation, self.ttl_ms, stats)
 
     def _server_stats(self) -> dict[str, int]:
-        import json
-
         return {
             k: int(v)
             for k, v in json.loads(self._server.stats_json()).items()
