@@ -10,7 +10,9 @@ Everything runs on 127.0.0.1 against one ``redis-server`` and real ``kvpool serv
    read alone (``lookup_with_epoch`` / ``locate``), a redis-py pipeline of one ``FCALL_RO
    kvpool_lookup`` per partition (build / execute / parse timed apart), and Redis's own CPU time
    and command time per lookup (INFO cpu / commandstats over a run of lookups of one kind).
-   Variants are interleaved call by call, so load that comes and goes hits all of them alike.
+   The target is judged on a steady run (one prefix length, lookups back to back, as a
+   scheduler issues them); the breakdown comes from rounds that interleave every variant call
+   by call, so load that comes and goes hits all of them alike.
 2. Aggregate GET throughput. ``Cluster.get_into`` of 256 KiB blocks in batches of 32, 1 and 4
    client threads (each with its own ``Cluster``; plus 4 threads sharing one), against 3 nodes and
    against 1 node (separate clusters), and ``Client.get_into`` straight to the single node (no
@@ -582,6 +584,19 @@ def bench_lookup(url: str, redis_port: int, name: str, plan: Plan, nonce: str) -
                 ):
                     series.setdefault(f"{fc}: {part}", []).append(v)
 
+            # Steady: one kind of lookup back to back, as an engine's scheduler issues them; the
+            # target is judged on this run. The interleaved rounds below put a 5 ms redis-py
+            # pipeline between lookups and serve the breakdown.
+            steady: dict[str, list[float]] = {}
+            for n, ks in prefixes.items():
+                for _ in range(plan.warmup_lookups):
+                    c.match_prefix(ks)
+                xs = steady.setdefault(f"Cluster.match_prefix {n}", [])
+                for _ in range(plan.lookups):
+                    t0 = time.perf_counter()
+                    got = c.match_prefix(ks)
+                    xs.append(time.perf_counter() - t0)
+                    check(got, n, f"match_prefix({n})")
             for _ in range(plan.warmup_lookups):
                 one_round()
             series.clear()
@@ -614,6 +629,7 @@ def bench_lookup(url: str, redis_port: int, name: str, plan: Plan, nonce: str) -
                 }
             out = {
                 "index": index_shape(),
+                "steady": {label: lat_dict(v) for label, v in steady.items()},
                 "latency": {label: lat_dict(v) for label, v in series.items()},
                 "server": server,
                 "loadavg": loadavg(),
@@ -1116,7 +1132,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"   FAILED: {lk.get('error') if lk else 'not run'}")
     else:
         print(
-            f"   {lk['lookups']} interleaved rounds after {lk['warmup_lookups']} warm-up, per "
+            f"   {lk['lookups']} lookups per run after {lk['warmup_lookups']} warm-up, per "
             f"index size; index read by {lk['index_reader']}"
         )
         for state, st in lk["states"].items():
@@ -1127,18 +1143,23 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{'/'.join(idx['encodings'])}; loadavg {st['loadavg']}]"
             )
             print(f"   {'call':<50}{'p50':>9}{'p99':>9}{'mean':>9}{'max':>9}")
-            for label, s in st["latency"].items():
-                print(
-                    f"   {label:<50}{_f(s['p50_ms'], '.3f'):>9}{_f(s['p99_ms'], '.3f'):>9}"
-                    f"{_f(s['mean_ms'], '.3f'):>9}{_f(s['max_ms'], '.3f'):>9}"
-                )
-            lens = [int(k.rsplit(" ", 1)[1]) for k in st["latency"] if "match_prefix" in k]
+            for title, runs in (
+                ("steady (each lookup back to back)", st["steady"]),
+                ("interleaved rounds (every kind below, in turn)", st["latency"]),
+            ):
+                print(f"   {title}")
+                for label, s in runs.items():
+                    print(
+                        f"   {label:<50}{_f(s['p50_ms'], '.3f'):>9}{_f(s['p99_ms'], '.3f'):>9}"
+                        f"{_f(s['mean_ms'], '.3f'):>9}{_f(s['max_ms'], '.3f'):>9}"
+                    )
+            lens = [int(k.rsplit(" ", 1)[1]) for k in st["steady"]]
             longest = max(lens)
-            mp = st["latency"][f"Cluster.match_prefix {longest}"]
+            mp = st["steady"][f"Cluster.match_prefix {longest}"]
             ok50 = mp["p50_ms"] <= LOOKUP_TARGET_P50_MS
             ok99 = mp["p99_ms"] <= LOOKUP_TARGET_P99_MS
             print(
-                f"   target {longest}-key match_prefix p50 <= {LOOKUP_TARGET_P50_MS} ms: "
+                f"   target (steady) {longest}-key match_prefix p50 <= {LOOKUP_TARGET_P50_MS} ms: "
                 f"{'MET' if ok50 else 'MISSED'} ({mp['p50_ms']:.3f}); p99 <= "
                 f"{LOOKUP_TARGET_P99_MS} ms: {'MET' if ok99 else 'MISSED'} ({mp['p99_ms']:.3f})"
             )
