@@ -5,9 +5,12 @@
 
 #include <cstring>
 #include <memory>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "kvpool/client.h"
+#include "kvpool/copy_engine.h"
 #include "kvpool/hashing.h"
 #include "kvpool/logging.h"
 #include "kvpool/placement.h"
@@ -105,14 +108,14 @@ inline long long SmallLongValue(PyObject* o) {
   return PyLong_AsLongLong(o);
 }
 
-[[noreturn]] void BadToken(size_t i, long long v) {
-  throw StatusError{Invalid("token " + std::to_string(i) + " = " + std::to_string(v) +
+[[noreturn]] void BadId(const char* what, size_t i, long long v) {
+  throw StatusError{Invalid(std::string(what) + " " + std::to_string(i) + " = " + std::to_string(v) +
                             " is outside [0, 2**32)")};
 }
 
-/// Converts integers of type T to uint32 token ids, rejecting values outside [0, 2**32).
+/// Converts integers of type T to uint32 ids, rejecting values outside [0, 2**32).
 template <typename T>
-void NarrowTokens(const T* in, size_t n, std::vector<uint32_t>* out) {
+void NarrowIds(const char* what, const T* in, size_t n, std::vector<uint32_t>* out) {
   out->resize(n);
   bool ok = true;
   for (size_t i = 0; i < n; ++i) {  // branch-free so the compiler vectorises it
@@ -121,29 +124,31 @@ void NarrowTokens(const T* in, size_t n, std::vector<uint32_t>* out) {
   }
   if (ok) return;
   for (size_t i = 0; i < n; ++i) {
-    if (in[i] < 0 || static_cast<uint64_t>(in[i]) > 0xffffffffULL) BadToken(i, static_cast<long long>(in[i]));
+    if (in[i] < 0 || static_cast<uint64_t>(in[i]) > 0xffffffffULL) BadId(what, i, static_cast<long long>(in[i]));
   }
 }
 
-/// Token ids as uint32: a 1-D buffer of 4- or 8-byte integers, or any sequence of ints.
-std::vector<uint32_t> ToTokens(const py::object& tokens) {
+/// Ids (token ids, block ids) as uint32: a 1-D buffer of 4- or 8-byte integers, or any
+/// sequence of ints. `what` names one id in errors ("token 3 = -1 is outside ...").
+std::vector<uint32_t> ToIds(const py::object& ids, const char* what) {
   std::vector<uint32_t> out;
-  if (PyObject_CheckBuffer(tokens.ptr())) {
-    py::buffer_info info = py::reinterpret_borrow<py::buffer>(tokens).request();
+  if (PyObject_CheckBuffer(ids.ptr())) {
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(ids).request();
     const bool contiguous = info.ndim == 1 && (info.strides.empty() || info.strides[0] == info.itemsize);
     const char f = info.format.empty() ? '?' : info.format.back();
     const bool integral = std::strchr("iIlLqQ", f) != nullptr;
     if (contiguous && integral && (info.itemsize == 4 || info.itemsize == 8)) {
       const bool is_signed = std::islower(static_cast<unsigned char>(f));
       const auto n = static_cast<size_t>(info.size);
-      if (info.itemsize == 4 && is_signed) NarrowTokens(static_cast<const int32_t*>(info.ptr), n, &out);
-      if (info.itemsize == 4 && !is_signed) NarrowTokens(static_cast<const uint32_t*>(info.ptr), n, &out);
-      if (info.itemsize == 8 && is_signed) NarrowTokens(static_cast<const int64_t*>(info.ptr), n, &out);
-      if (info.itemsize == 8 && !is_signed) NarrowTokens(static_cast<const uint64_t*>(info.ptr), n, &out);
+      if (info.itemsize == 4 && is_signed) NarrowIds(what, static_cast<const int32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 4 && !is_signed) NarrowIds(what, static_cast<const uint32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && is_signed) NarrowIds(what, static_cast<const int64_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && !is_signed) NarrowIds(what, static_cast<const uint64_t*>(info.ptr), n, &out);
       return out;
     }
   }
-  PyObject* fast = PySequence_Fast(tokens.ptr(), "token ids must be a sequence of ints or an integer array");
+  const std::string not_ints = std::string(what) + " ids must be a sequence of ints or an integer array";
+  PyObject* fast = PySequence_Fast(ids.ptr(), not_ints.c_str());
   if (fast == nullptr) throw py::error_already_set();
   py::object guard = py::reinterpret_steal<py::object>(fast);
   const auto n = static_cast<size_t>(PySequence_Fast_GET_SIZE(fast));
@@ -153,13 +158,33 @@ std::vector<uint32_t> ToTokens(const py::object& tokens) {
     const long long v = SmallLongValue(items[i]);
     if (v == -1 && PyErr_Occurred()) {
       PyErr_Clear();
-      throw StatusError{Invalid("token " + std::to_string(i) + " is not an int")};
+      throw StatusError{Invalid(std::string(what) + " " + std::to_string(i) + " is not an int")};
     }
-    if (v < 0 || v > 0xffffffffLL) BadToken(i, v);
+    if (v < 0 || v > 0xffffffffLL) BadId(what, i, v);
     out[i] = static_cast<uint32_t>(v);
   }
   return out;
 }
+
+/// One C-contiguous buffer, held for the duration of a call (the GIL may be released).
+class OneBuffer {
+ public:
+  OneBuffer(const py::handle& obj, bool writable, const char* what) {
+    const int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+      PyErr_Clear();
+      throw StatusError{Invalid(std::string(what) + " (" + std::string(py::str(py::type::of(obj).attr("__name__"))) +
+                                ") is not a C-contiguous" + (writable ? " writable" : "") + " buffer")};
+    }
+  }
+  ~OneBuffer() { PyBuffer_Release(&view_); }
+  OneBuffer(const OneBuffer&) = delete;
+  OneBuffer& operator=(const OneBuffer&) = delete;
+  std::span<uint8_t> span() const { return {static_cast<uint8_t*>(view_.buf), static_cast<size_t>(view_.len)}; }
+
+ private:
+  Py_buffer view_;
+};
 
 py::list KeysToList(const std::vector<Key128>& keys) {
   py::list out(keys.size());
@@ -226,7 +251,7 @@ PYBIND11_MODULE(_core, m) {
         std::string_view fp = fingerprint;
         if (fp.size() != 16) throw StatusError{Invalid("fingerprint must be 16 bytes")};
         if (block_tokens == 0) throw StatusError{Invalid("block_tokens must be > 0")};
-        const std::vector<uint32_t> ids = ToTokens(tokens);
+        const std::vector<uint32_t> ids = ToIds(tokens, "token");
         std::vector<Key128> keys;
         {
           py::gil_scoped_release release;
@@ -288,6 +313,45 @@ PYBIND11_MODULE(_core, m) {
           Check(reader.Locate(k, live, &epoch, &holder));
         }
         return py::make_tuple(epoch, holder);
+      });
+
+  py::class_<KVRegion>(m, "KVRegion")
+      .def(py::init([](uint64_t base, uint64_t stride, uint64_t bytes, uint32_t num_blocks) {
+             return KVRegion{base, stride, bytes, num_blocks};
+           }),
+           py::arg("base"), py::arg("stride"), py::arg("bytes"), py::arg("num_blocks"))
+      .def_readonly("base", &KVRegion::base)
+      .def_readonly("stride", &KVRegion::stride)
+      .def_readonly("bytes", &KVRegion::bytes)
+      .def_readonly("num_blocks", &KVRegion::num_blocks)
+      .def("__repr__", [](const KVRegion& g) {
+        return "KVRegion(base=" + std::to_string(g.base) + ", stride=" + std::to_string(g.stride) +
+               ", bytes=" + std::to_string(g.bytes) + ", num_blocks=" + std::to_string(g.num_blocks) + ")";
+      });
+
+  py::class_<CopyEngine>(m, "CopyEngine")
+      .def_static(
+          "cpu",
+          [](std::vector<KVRegion> regions, unsigned threads, uint64_t parallel_bytes) {
+            return Unwrap(MakeCpuCopyEngine(std::move(regions), threads, parallel_bytes));
+          },
+          py::arg("regions"), py::arg("threads") = 1, py::arg("parallel_bytes") = 8ULL << 20)
+      .def_property_readonly("object_bytes", &CopyEngine::object_bytes)
+      .def_property_readonly("num_blocks", &CopyEngine::num_blocks)
+      .def_property_readonly("device", &CopyEngine::device)
+      .def_property_readonly("regions", &CopyEngine::regions)
+      .def("gather",
+           [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
+             const auto ids = ToIds(block_ids, "block");
+             OneBuffer buf(staging, true, "staging");
+             py::gil_scoped_release release;
+             Check(e.Gather(ids, buf.span()));
+           })
+      .def("scatter", [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
+        const auto ids = ToIds(block_ids, "block");
+        OneBuffer buf(staging, false, "staging");
+        py::gil_scoped_release release;
+        Check(e.Scatter(ids, buf.span()));
       });
 
   py::class_<ServerOptions>(m, "ServerOptions")

@@ -1,0 +1,131 @@
+#include "kvpool/copy_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+namespace kvpool {
+
+namespace {
+
+Status Invalid(std::string message) { return Status(ErrorCode::kInvalidArgument, std::move(message)); }
+
+}  // namespace
+
+Status ValidateRegions(std::span<const KVRegion> regions) {
+  if (regions.empty()) return Invalid("a copy engine needs at least one KV region");
+  for (size_t r = 0; r < regions.size(); ++r) {
+    const KVRegion& g = regions[r];
+    const std::string name = "KV region " + std::to_string(r);
+    if (g.base == 0) return Invalid(name + " has a null base address");
+    if (g.num_blocks == 0) return Invalid(name + " has num_blocks = 0");
+    if (g.bytes == 0) return Invalid(name + " has bytes = 0");
+    if (g.num_blocks > 1 && g.bytes > g.stride) {
+      return Invalid(name + ": bytes = " + std::to_string(g.bytes) + " exceed stride = " +
+                     std::to_string(g.stride) + ", so consecutive blocks would overlap");
+    }
+  }
+  return Status::Ok();
+}
+
+CopyEngine::CopyEngine(std::vector<KVRegion> regions) : regions_(std::move(regions)) {
+  num_blocks_ = regions_.empty() ? 0 : regions_[0].num_blocks;
+  for (const KVRegion& g : regions_) {
+    object_bytes_ += g.bytes;
+    num_blocks_ = std::min(num_blocks_, g.num_blocks);
+  }
+}
+
+Status CopyEngine::CheckCall(const char* op, std::span<const uint32_t> block_ids, size_t staging_bytes,
+                             bool distinct) const {
+  for (size_t i = 0; i < block_ids.size(); ++i) {
+    if (block_ids[i] >= num_blocks_) {
+      return Invalid(std::string(op) + ": block id " + std::to_string(block_ids[i]) + " (position " +
+                     std::to_string(i) + ") is outside the cache's [0, " + std::to_string(num_blocks_) + ")");
+    }
+  }
+  const uint64_t need = block_ids.size() * object_bytes_;
+  if (staging_bytes < need) {
+    return Invalid(std::string(op) + ": staging holds " + std::to_string(staging_bytes) + " bytes, " +
+                   std::to_string(block_ids.size()) + " blocks of " + std::to_string(object_bytes_) +
+                   " bytes need " + std::to_string(need));
+  }
+  if (distinct && block_ids.size() > 1) {
+    std::vector<uint32_t> sorted(block_ids.begin(), block_ids.end());
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    if (dup != sorted.end()) {
+      return Invalid(std::string(op) + ": block id " + std::to_string(*dup) + " appears more than once");
+    }
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+class CpuCopyEngine final : public CopyEngine {
+ public:
+  CpuCopyEngine(std::vector<KVRegion> regions, unsigned threads, uint64_t parallel_bytes)
+      : CopyEngine(std::move(regions)), threads_(std::max(1u, threads)), parallel_bytes_(parallel_bytes) {}
+
+  const char* device() const override { return "cpu"; }
+
+  Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) override {
+    if (Status s = CheckCall("gather", block_ids, staging.size(), false); !s.ok()) return s;
+    ForChunks(block_ids.size(), [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        uint8_t* out = staging.data() + i * object_bytes_;
+        for (const KVRegion& g : regions_) {
+          std::memcpy(out, reinterpret_cast<const uint8_t*>(g.base + block_ids[i] * g.stride), g.bytes);
+          out += g.bytes;
+        }
+      }
+    });
+    return Status::Ok();
+  }
+
+  Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) override {
+    if (Status s = CheckCall("scatter", block_ids, staging.size(), true); !s.ok()) return s;
+    ForChunks(block_ids.size(), [&](size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) {
+        const uint8_t* in = staging.data() + i * object_bytes_;
+        for (const KVRegion& g : regions_) {
+          std::memcpy(reinterpret_cast<uint8_t*>(g.base + block_ids[i] * g.stride), in, g.bytes);
+          in += g.bytes;
+        }
+      }
+    });
+    return Status::Ok();
+  }
+
+ private:
+  /// Runs fn over [0, n) in contiguous chunks: on the calling thread for small copies, else on
+  /// up to threads_ threads (the caller runs the first chunk).
+  template <typename Fn>
+  void ForChunks(size_t n, Fn&& fn) {
+    const uint64_t total = n * object_bytes_;
+    const size_t parts = total < parallel_bytes_ ? 1 : std::min<size_t>(threads_, n);
+    if (parts <= 1) {
+      fn(size_t{0}, n);
+      return;
+    }
+    std::vector<std::thread> helpers;
+    helpers.reserve(parts - 1);
+    for (size_t p = 1; p < parts; ++p) helpers.emplace_back(fn, n * p / parts, n * (p + 1) / parts);
+    fn(size_t{0}, n / parts);
+    for (auto& t : helpers) t.join();
+  }
+
+  const unsigned threads_;
+  const uint64_t parallel_bytes_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<CopyEngine>> MakeCpuCopyEngine(std::vector<KVRegion> regions, unsigned threads,
+                                                      uint64_t parallel_bytes) {
+  if (Status s = ValidateRegions(regions); !s.ok()) return s;
+  return std::unique_ptr<CopyEngine>(new CpuCopyEngine(std::move(regions), threads, parallel_bytes));
+}
+
+}  // namespace kvpool
