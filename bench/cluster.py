@@ -19,7 +19,8 @@ Everything runs on 127.0.0.1 against one ``redis-server`` and real ``kvpool serv
    index lookup, no fan-out) as the limit. Median of rounds; every call must find every block and
    the last batch of each thread and round is compared byte for byte.
 3. Index upkeep. One client writes N blocks of 4 KiB to a fresh 3-node cluster; after the index
-   holds all N (sum of HLEN over the partitions, then ``match_prefix == N``), the deltas of Redis
+   holds all N (sum of HLEN over the partitions less their sentinel field, then
+   ``match_prefix == N``), the deltas of Redis
    ``INFO commandstats`` / ``total_commands_processed`` / CPU give the Redis work per block. The
    nodes' agents reach Redis through a relay in this process that counts round trips (a request
    burst after a reply is one round trip, so a pipeline counts once) and FCALLs per function, per
@@ -95,7 +96,7 @@ class BenchError(RuntimeError):
 class Plan:
     lookups: int  # timed lookups per variant
     lookup_filler_keys: int  # index keys added for the large-index measurement (at least
-    # enough to push every partition past Redis's hash-max-listpack-entries)
+    # twice Redis's hash-max-listpack-entries per partition)
     warmup_lookups: int
     server_lookups: int  # per kind, for Redis CPU / command time
     prefixes: tuple[int, ...]
@@ -494,13 +495,13 @@ def fcall_pipeline_lookup(redis_client: Any, ck: Any, keys: list[bytes]) -> tupl
 
 
 def bench_lookup(url: str, redis_port: int, name: str, plan: Plan, nonce: str) -> dict[str, Any]:
-    """Measures twice: with only the looked-up prefix in the index (every partition a small
-    listpack hash, HMGET scans it) and after filler keys made every partition a hashtable (the
-    shape of a real pool's index)."""
+    """Measures twice: with only the looked-up prefix in the index (small partitions; the
+    library's sentinel field keeps them in hashtable encoding, so HMGET is no listpack scan) and
+    after filler keys made every partition large (the shape of a real pool's index)."""
     import kvpool
     import redis
     from kvpool.cluster import Cluster
-    from kvpool.metadata import NUM_PARTITIONS
+    from kvpool.metadata import INDEX_SENTINEL, NUM_PARTITIONS
 
     admin = redis.Redis(host=HOST, port=redis_port)
     c = Cluster(url, cluster=name, timeout=5.0)
@@ -541,12 +542,16 @@ def bench_lookup(url: str, redis_port: int, name: str, plan: Plan, nonce: str) -
             pipe = admin.pipeline(transaction=False)
             for p in range(NUM_PARTITIONS):
                 pipe.hlen(ck.loc(p))
+                pipe.hexists(ck.loc(p), INDEX_SENTINEL)
                 pipe.object("encoding", ck.loc(p))
             replies = pipe.execute()
             encodings = sorted(
-                {(e.decode() if isinstance(e, bytes) else str(e)) for e in replies[1::2]}
+                {(e.decode() if isinstance(e, bytes) else str(e)) for e in replies[2::3]}
             )
-            return {"keys": sum(int(x) for x in replies[::2]), "encodings": encodings}
+            keys = sum(
+                int(n) - int(bool(s)) for n, s in zip(replies[::3], replies[1::3], strict=True)
+            )
+            return {"keys": keys, "encodings": encodings}
 
         def measure() -> dict[str, Any]:
             series: dict[str, list[float]] = {}
@@ -885,7 +890,7 @@ def bench_upkeep(
 ) -> dict[str, Any]:
     import redis
     from kvpool.cluster import Cluster
-    from kvpool.metadata import NUM_PARTITIONS
+    from kvpool.metadata import INDEX_SENTINEL, NUM_PARTITIONS
 
     name = nodes[0].cluster
     admin = redis.Redis(host=HOST, port=redis_port)
@@ -898,10 +903,13 @@ def bench_upkeep(
         loc_keys = [c._registry.keys.loc(p) for p in range(NUM_PARTITIONS)]
 
         def indexed() -> int:
+            """Block keys in the index: HLEN less the partition's sentinel field."""
             pipe = admin.pipeline(transaction=False)
             for k in loc_keys:
                 pipe.hlen(k)
-            return sum(int(x) for x in pipe.execute())
+                pipe.hexists(k, INDEX_SENTINEL)
+            r = pipe.execute()
+            return sum(int(x) - int(bool(s)) for x, s in zip(r[::2], r[1::2], strict=True))
 
         if indexed() != 0:
             raise BenchError("the upkeep cluster's index is not empty at the start")
@@ -927,7 +935,8 @@ def bench_upkeep(
         evictions = stats["totals"].get("evictions", 0)
         d = counters_delta(r0, r1)
         d["commands"].pop("hlen", None)  # our polls
-        d["total_commands_processed"] -= polls * NUM_PARTITIONS
+        d["commands"].pop("hexists", None)
+        d["total_commands_processed"] -= polls * 2 * NUM_PARTITIONS
         per_node: dict[str, Any] = {}
         tot: Counter[str] = Counter()
         for nid in sorted(set(p1) | set(entries1)):

@@ -13,8 +13,18 @@ Keys (every key is passed in KEYS; nothing is built from ARGV):
     kvpool:{C}:leases  zset   node_id -> lease expiry (ms, Redis server clock)
     kvpool:{C}:stats   hash   node_id -> "used_bytes|blocks|hits|misses|updated_ms"
   block-location index, P fixed partitions, each its own slot ("{C/p}"):
-    kvpool:{C/p}:loc   hash   16-byte block key -> "node@incarnation[,node@incarnation...]"
+    kvpool:{C/p}:loc   hash   16-byte block key -> "entry[,entry...]", one entry per incarnation
+                              that published the key: the incarnation in base 36, lowercase
+                              (incarnations are unique in a cluster, so the member list maps an
+                              entry to its node); plus the field "~" (INDEX_SENTINEL), see below
     kvpool:{C/p}:fence hash   node_id -> newest incarnation seen by this partition
+
+Every loc hash holds the field "~" with a value longer than hash-max-listpack-value (64 bytes by
+default), written by kvpool_fence (each node fences every partition right after it joins, before
+it publishes). It keeps the hash in hashtable encoding: a small hash would otherwise be a listpack,
+where HMGET scans linearly. Redis never converts a hashtable back to a listpack (and the long value
+keeps it a hashtable when an RDB/AOF is loaded); the sentinel also keeps the hash from emptying.
+It is never a block key (those are 16 bytes); kvpool_gc leaves it alone.
 
 Domain errors are negative integer replies (kvpool.metadata.MetadataErrorCode mirrors them):
   -1 BAD_ARGS   malformed arguments
@@ -25,12 +35,37 @@ Domain errors are negative integer replies (kvpool.metadata.MetadataErrorCode mi
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function rcall(...) return redis.call(...) end
 
-local LIBRARY_VERSION = 3
+local LIBRARY_VERSION = 4
 local E_BAD_ARGS, E_FENCED, E_NOT_MEMBER = -1, -2, -3
 
 local function now_ms()
   local t = rcall('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local INDEX_SENTINEL = '~'
+local INDEX_SENTINEL_VALUE = 'kvpool: keeps this hash in hashtable encoding (HMGET is a hash '
+  .. 'lookup, not a listpack scan); not a block key, never remove it'
+
+local B36 = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+-- An incarnation as the index names it: base 36, lowercase (n a non-negative integer < 2^53).
+local function index_entry(n)
+  if n == 0 then return '0' end
+  local digits = {}
+  while n > 0 do
+    local d = n % 36
+    digits[#digits + 1] = string.sub(B36, d + 1, d + 1)
+    n = (n - d) / 36
+  end
+  return string.reverse(table.concat(digits))
+end
+
+-- A decimal incarnation argument as a number, or nil unless it is an integer in [0, 2^53).
+local function incarnation_arg(s)
+  local n = tonumber(s)
+  if not n or n < 0 or n >= 9007199254740992 or n ~= math.floor(n) then return nil end
+  return n
 end
 
 local function split(s, sep)

@@ -120,7 +120,7 @@ class Cluster(Closing):
         try:
             client = Client(m.address, timeout=self.timeout, connect_timeout=min(self.timeout, 1.0))
         except KVPoolError as e:
-            log.info("node %s (%s) unreachable: %s", entry, m.address, e)
+            log.info("node %s (%s) unreachable: %s", m.node_id, m.address, e)
             self._suspect[entry] = time.monotonic() + _SUSPECT_SECONDS
             return None
         with self._lock:
@@ -168,22 +168,22 @@ class Cluster(Closing):
         """Runs fn(client, indices) for every node in parallel; a failed, unreachable or late
         node yields None for its indices."""
         deadline = time.monotonic() + self.timeout
-        futures: list[tuple[str, list[int], Future[T] | None]] = []
+        futures: list[tuple[str, Member, list[int], Future[T] | None]] = []
         for entry, (member, idx) in groups.items():
             client = self._client(member)
             futures.append(
-                (entry, idx, None if client is None else self._pool.submit(fn, client, idx))
+                (entry, member, idx, None if client is None else self._pool.submit(fn, client, idx))
             )
         out: list[tuple[list[int], T | None]] = []
-        for entry, idx, fut in futures:
+        for entry, member, idx, fut in futures:
             result: T | None = None
             if fut is not None:
                 try:
                     result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 except FutureTimeout:
-                    log.info("node %s missed the deadline", entry)
+                    log.info("node %s missed the deadline", member.node_id)
                 except KVPoolError as e:
-                    log.info("node %s failed: %s", entry, e)
+                    log.info("node %s failed: %s", member.node_id, e)
                     self._suspect[entry] = time.monotonic() + _SUSPECT_SECONDS
                     with self._lock:
                         bad = self._clients.pop(entry, None)

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from kvpool import _core
 from kvpool.errors import KVPoolError
 
 __all__ = [
+    "INDEX_SENTINEL",
     "LIBRARY_VERSION",
     "NUM_PARTITIONS",
     "ClusterKeys",
@@ -26,16 +28,38 @@ __all__ = [
     "MetadataErrorCode",
     "NotMemberError",
     "Registry",
+    "incarnation_entry",
     "library_source",
     "load_library",
     "partition_of",
 ]
 
 #: Must equal LIBRARY_VERSION in redis_scripts/00_common.lua.
-LIBRARY_VERSION = 3
+LIBRARY_VERSION = 4
 #: Fixed number of index partitions; part of the cluster's data format (changing it orphans the
 #: index of a running cluster).
 NUM_PARTITIONS = 16
+#: The field every index partition hash (``kvpool:{C/p}:loc``) holds besides its block keys:
+#: INDEX_SENTINEL in redis_scripts/00_common.lua. kvpool_fence writes it with a value longer than
+#: Redis's hash-max-listpack-value, which keeps the hash in hashtable encoding (HMGET a hash
+#: lookup, not a listpack scan). Never a block key (those are 16 bytes): whoever counts the block
+#: keys of a partition with HLEN subtracts it.
+INDEX_SENTINEL = "~"
+
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def incarnation_entry(inc: int) -> str:
+    """How the index names an incarnation: base 36, lowercase (``int(entry, 36)`` decodes it).
+    Incarnations are unique within a cluster, so the member list maps an entry to its node."""
+    if inc < 0:
+        raise ValueError(f"incarnation {inc} is negative")
+    digits = []
+    while True:
+        inc, d = divmod(inc, 36)
+        digits.append(_BASE36[d])
+        if not inc:
+            return "".join(reversed(digits))
 
 
 class MetadataErrorCode(IntEnum):
@@ -136,10 +160,10 @@ class Member:
     joined_ms: int
     lease_expiry_ms: int = 0
 
-    @property
+    @cached_property
     def entry(self) -> str:
-        """How the index names this incarnation: ``node@incarnation``."""
-        return f"{self.node_id}@{self.incarnation}"
+        """How the index names this incarnation: :func:`incarnation_entry` (base 36)."""
+        return incarnation_entry(self.incarnation)
 
     @property
     def weight(self) -> float:
@@ -251,15 +275,20 @@ class Registry:
         return int(reply[0]), out
 
     def fence_all(self, node_id: str, incarnation: int) -> None:
+        """Tells every partition the node's incarnation (and writes its INDEX_SENTINEL)."""
         pipe = self.redis.pipeline(transaction=False)
         for p in range(NUM_PARTITIONS):
-            pipe.fcall("kvpool_fence", 1, self.keys.fence(p), node_id, incarnation)
-        pipe.execute()
+            pipe.fcall(
+                "kvpool_fence", 2, self.keys.loc(p), self.keys.fence(p), node_id, incarnation
+            )
+        for reply in pipe.execute():
+            _check(reply, f"fence {node_id}@{incarnation}")
 
     def publish(
         self, node_id: str, incarnation: int, added: list[bytes], removed: list[bytes]
     ) -> int:
-        """One pipeline (one round trip) for any number of keys: one call per partition touched."""
+        """One pipeline (one round trip) for any number of keys: one call per partition touched.
+        The index lists the keys under :func:`incarnation_entry` of ``incarnation``."""
         by_part: dict[int, tuple[list[bytes], list[bytes]]] = {}
         for k in added:
             by_part.setdefault(partition_of(k), ([], []))[0].append(k)
@@ -286,7 +315,8 @@ class Registry:
         return changed
 
     def lookup(self, keys: list[bytes]) -> list[list[str]]:
-        """Published holders (``node@incarnation``) of each key, one pipeline in total."""
+        """Published holders of each key (entries: base-36 incarnations, see
+        :func:`incarnation_entry`; dead ones included), one pipeline in total."""
         return self.lookup_with_epoch(keys)[1]
 
     def lookup_with_epoch(self, keys: list[bytes]) -> tuple[int, list[list[str]]]:
@@ -313,8 +343,8 @@ class Registry:
         return int(replies[0]), out
 
     def locate(self, keys: Sequence[bytes], live: list[str]) -> tuple[int, list[int]]:
-        """The epoch and, per key, the index in ``live`` (``node@incarnation`` entries) of its
-        first published live holder, or -1: entries of dead incarnations never come back."""
+        """The epoch and, per key, the index in ``live`` (the members' :attr:`Member.entry`) of
+        its first published live holder, or -1: entries of dead incarnations never come back."""
         if self._reader is not None:
             epoch, holder = self._reader.locate(keys, live)
             return int(epoch), holder
@@ -325,9 +355,10 @@ class Registry:
     def gc(
         self, live_entries: list[str], page: int = 1000, *, keep_newer_than: int | None = None
     ) -> int:
-        """Drops index entries of incarnations not in ``live_entries`` (keeping any incarnation
-        above ``keep_newer_than``: nodes that joined after the member list was read); returns
-        how many."""
+        """Drops index entries of incarnations not in ``live_entries`` (the members'
+        :attr:`Member.entry`), keeping any incarnation above ``keep_newer_than`` (nodes that
+        joined after the member list was read); returns how many. The partitions' INDEX_SENTINEL
+        stays."""
         if keep_newer_than is not None:
             live_entries = [*live_entries, f">{keep_newer_than}"]
         removed = 0
@@ -342,6 +373,16 @@ class Registry:
                 if cursor == "0":
                     break
         return removed
+
+    def index_keys(self) -> int:
+        """How many block keys the index lists over all partitions, in one pipeline: HLEN of
+        each partition less its INDEX_SENTINEL field."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(NUM_PARTITIONS):
+            pipe.hlen(self.keys.loc(p))
+            pipe.hexists(self.keys.loc(p), INDEX_SENTINEL)
+        replies = pipe.execute()
+        return sum(int(n) - int(bool(s)) for n, s in zip(replies[::2], replies[1::2], strict=True))
 
 
 def _index_reader(redis: Any, keys: ClusterKeys) -> Any:

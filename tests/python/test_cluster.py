@@ -28,7 +28,7 @@ from conftest import (
 )
 from kvpool import _core
 from kvpool.cluster import Cluster
-from kvpool.metadata import Registry, load_library, node_id_for
+from kvpool.metadata import Registry, incarnation_entry, load_library, node_id_for
 
 LEASE_TTL = 1.0
 CLIENT_TIMEOUT = 2.0
@@ -65,6 +65,11 @@ def off_placement_blocks(s: Stack) -> tuple[list[bytes], list[bytes]]:
         keys.append(key)
         blocks.append(block)
     return keys, blocks
+
+
+def entry_of(s: Stack, node: ServerProcess) -> str:
+    """The index entry of a node's live incarnation (the member list names the node)."""
+    return next(m.entry for m in s.registry.members()[1] if m.node_id == node_id(node))
 
 
 def node_entries(node: ServerProcess) -> int:
@@ -186,15 +191,16 @@ def test_three_nodes_spread_round_trip_and_match_prefix(make_stack: Callable[...
     assert c.match_prefix(keys[:300] + missing[:1] + keys[300:]) == 300
     assert c.match_prefix(missing + keys) == 0
     assert c.match_prefix([]) == 0
-    assert len({h[0].split("@")[0] for h in s.registry.lookup(keys[:30])}) == 3
+    # Entries are incarnations: the member list maps them to node ids.
+    node_of = {m.entry: m.node_id for m in c.members()}
+    assert len({node_of[h[0]] for h in s.registry.lookup(keys[:30])}) == 3
     # The index names exactly the node that holds each block, under its live incarnation.
-    live = {m.entry for m in c.members()}
     listed = s.registry.lookup(keys)
-    assert all(len(h) == 1 and h[0] in live for h in listed)
+    assert all(len(h) == 1 and h[0] in node_of for h in listed)
     for node in s.nodes:
         with kvpool.Client(node.address) as nc:
             present = nc.exists(keys)
-        assert present == [h[0].startswith(node_id(node) + "@") for h in listed]
+        assert present == [node_of[h[0]] == node_id(node) for h in listed]
 
     # Reads go where the index says, not merely to the placement nodes.
     probe, probe_blocks = off_placement_blocks(s)
@@ -220,9 +226,9 @@ def test_kill_9_under_load_then_restart(make_stack: Callable[..., Stack]) -> Non
     victim = s.nodes[1]
     victim_id, victim_port = node_id(victim), victim.port
     old_inc = next(m.incarnation for m in c.members() if m.node_id == victim_id)
-    on_victim = sorted(
-        i for i, h in enumerate(s.registry.lookup(keys)) if h[0].startswith(victim_id + "@")
-    )
+    old_entry = incarnation_entry(old_inc)
+    assert old_entry == entry_of(s, victim)
+    on_victim = sorted(i for i, h in enumerate(s.registry.lookup(keys)) if h[0] == old_entry)
     assert 0 < len(on_victim) < len(keys)
 
     # A reader thread with a Cluster client of its own: get_into in a loop, checking bytes.
@@ -298,7 +304,11 @@ def test_kill_9_under_load_then_restart(make_stack: Callable[..., Stack]) -> Non
     assert c.put(again, [blocks[i] for i in on_victim]) == len(again)
     assert node_entries(restarted) == len(again)
     s.wait_indexed(c, keys)  # c sees the whole prefix again
-    assert s.registry.lookup(again) == [[f"{victim_id}@{new_inc}"]] * len(again)
+    # Listed under the new incarnation; the old (dead) entries stay until a gc sweep drops them.
+    new_entry = incarnation_entry(new_inc)
+    assert all(h in ([old_entry, new_entry], [new_entry]) for h in s.registry.lookup(again))
+    s.registry.collect_garbage()
+    assert s.registry.lookup(again) == [[new_entry]] * len(again)
     assert c.get(keys) == blocks
     assert loader.get(keys) == blocks  # the client that saw the crash recovered too
     fresh = random_keys(300)
@@ -433,7 +443,7 @@ def test_client_view_follows_redis_data_loss_epoch_moves_forward(
         try:
             assert c.get([key]) == [block]
             assert c.epoch == old_epochs[-1]
-            assert [m.entry for m in c.members()] == [f"n@{old_incs['n']}"]
+            assert [m.entry for m in c.members()] == [incarnation_entry(old_incs["n"])]
             seen = max(*old_epochs, c.epoch)
 
             rp.restart()  # empty: the meta hash (epoch, next_incarnation) is gone
@@ -450,7 +460,8 @@ def test_client_view_follows_redis_data_loss_epoch_moves_forward(
             # The same client, never recreated, moves to the new view and reads n's block.
             wait_until(
                 lambda: (
-                    [m.entry for m in c.members()] == [f"n@{inc}"] and c.epoch == new_epochs[-1]
+                    [m.entry for m in c.members()] == [incarnation_entry(inc)]
+                    and c.epoch == new_epochs[-1]
                 ),
                 timeout=5,
                 what="client view moved to the new incarnation and epoch",
@@ -499,7 +510,7 @@ def test_evicted_block_listed_in_index_reads_as_miss(make_stack: Callable[..., S
     # ...and a stale listing (put back by hand, for the node's live incarnation) reads as a miss.
     inc = next(m.incarnation for m in c.members() if m.node_id == nid)
     s.registry.publish(nid, inc, evicted, [])
-    assert s.registry.lookup(evicted) == [[f"{nid}@{inc}"]] * len(evicted)
+    assert s.registry.lookup(evicted) == [[incarnation_entry(inc)]] * len(evicted)
     assert c.match_prefix(evicted) == len(evicted)  # the index vouches for them...
     assert c.get(evicted) == [None] * len(evicted)  # ...the node does not
     assert c.get_into(evicted, [bytearray(16 * KiB) for _ in evicted]) == [False] * len(evicted)
@@ -518,9 +529,8 @@ def test_sigterm_exits_0_and_leaves_at_once(make_stack: Callable[..., Stack]) ->
     assert c.put(keys, blocks) == len(keys)
     s.wait_indexed(c, keys)
     leaving, staying = s.nodes
-    on_leaving = {
-        i for i, h in enumerate(s.registry.lookup(keys)) if h[0].startswith(node_id(leaving) + "@")
-    }
+    leaving_entry = entry_of(s, leaving)
+    on_leaving = {i for i, h in enumerate(s.registry.lookup(keys)) if h[0] == leaving_entry}
     assert 0 < len(on_leaving) < len(keys)
     epoch = s.registry.epoch()
     assert leaving.stop(signal.SIGTERM) == 0

@@ -7,6 +7,7 @@ other's keys. Waiting for a lease to expire polls the Redis server clock with a 
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 import time
@@ -17,6 +18,7 @@ import pytest
 import redis
 from conftest import RedisFactory, RedisProcess, cluster_name, free_port, wait_until
 from kvpool.metadata import (
+    INDEX_SENTINEL,
     LIBRARY_VERSION,
     NUM_PARTITIONS,
     ClusterKeys,
@@ -25,6 +27,7 @@ from kvpool.metadata import (
     MetadataError,
     NotMemberError,
     Registry,
+    incarnation_entry,
     library_source,
     load_library,
     partition_of,
@@ -121,6 +124,15 @@ def lookup(r: redis.Redis, ck: ClusterKeys, p: int, keys: list[bytes]) -> list[s
     return [
         None if v is None else v.decode() for v in r.fcall_ro("kvpool_lookup", 1, ck.loc(p), *keys)
     ]
+
+
+def held(*incarnations: int) -> str:
+    """A holder list as the index stores it: base-36 incarnations, comma-separated."""
+    return ",".join(incarnation_entry(i) for i in incarnations)
+
+
+def fence(r: redis.Redis, ck: ClusterKeys, p: int, *argv: Any) -> Any:
+    return r.fcall("kvpool_fence", 2, ck.loc(p), ck.fence(p), *argv)
 
 
 def keys_in(p: int, n: int, tag: bytes = b"") -> list[bytes]:
@@ -297,7 +309,7 @@ def test_join_fresh_incarnations_and_epoch(r: redis.Redis, ck: ClusterKeys) -> N
     )
     assert before <= int(joined) <= after
     m = Member.parse("a", nodes["a"])
-    assert m.entry == f"a@{inc_a2}" and m.transports == ("tcp",)
+    assert m.entry == incarnation_entry(inc_a2) and m.transports == ("tcp",)
     # The lease is the server clock + ttl.
     lease_b = r.zscore(ck.membership[2], "b")
     assert before + 5000 <= lease_b <= after + 5000
@@ -454,7 +466,7 @@ def test_members_reaps_expired_leases_atomically(r: redis.Redis, ck: ClusterKeys
     assert members(r, ck) == (ep1, ms)  # nothing more to reap: the epoch stays
     # The typed view.
     ep2, typed = Registry(r, ck.name).members()
-    assert ep2 == ep1 and [m.entry for m in typed] == [f"keep@{long_inc}"]
+    assert ep2 == ep1 and [m.entry for m in typed] == [held(long_inc)]
     assert typed[0].lease_expiry_ms == ms["keep"][1]
 
 
@@ -540,48 +552,59 @@ def test_stats(r: redis.Redis, ck: ClusterKeys) -> None:
 
 
 def test_fence_is_monotonic(r: redis.Redis, ck: ClusterKeys) -> None:
-    def fence(*argv: Any) -> Any:
-        return r.fcall("kvpool_fence", 1, ck.fence(3), *argv)
-
-    assert fence("a", 5) == 5
-    assert fence("a", 3) == 5
-    assert fence("a", 5) == 5
-    assert fence("a", 7) == 7
-    assert fence("b", 1) == 1
+    assert fence(r, ck, 3, "a", 5) == 5
+    assert fence(r, ck, 3, "a", 3) == 5
+    assert fence(r, ck, 3, "a", 5) == 5
+    assert fence(r, ck, 3, "a", 7) == 7
+    assert fence(r, ck, 3, "b", 1) == 1
     assert hgetall(r, ck.fence(3)) == {"a": "7", "b": "1"}
-    assert fence("a") == BAD_ARGS
-    assert fence("a", "x") == BAD_ARGS
-    assert fence() == BAD_ARGS
+    # The loc hash got its sentinel (only the sentinel: no block key was published).
+    assert r.hkeys(ck.loc(3)) == [INDEX_SENTINEL.encode()]
+    assert fence(r, ck, 3, "a") == BAD_ARGS
+    assert fence(r, ck, 3, "a", "x") == BAD_ARGS
+    assert fence(r, ck, 3) == BAD_ARGS
+    # Both keys are needed (the fence and the loc hash of the partition).
+    assert r.fcall("kvpool_fence", 1, ck.fence(5), "a", 1) == BAD_ARGS
+    assert not r.exists(ck.fence(5)) and not r.exists(ck.loc(5))
     assert r.hget(ck.fence(4), "a") is None  # partitions are independent
+    assert not r.exists(ck.loc(4))
     Registry(r, ck.name).fence_all("c", 4)
     for p in range(NUM_PARTITIONS):
         assert r.hget(ck.fence(p), "c") == b"4"
+        assert r.hexists(ck.loc(p), INDEX_SENTINEL)
 
 
 def test_publish_adds_and_removes(r: redis.Redis, ck: ClusterKeys) -> None:
     k = keys_in(5, 4)
-    assert publish(r, ck, 5, "a", 1, k[:3]) == 3
-    assert lookup(r, ck, 5, k) == ["a@1", "a@1", "a@1", None]
-    assert publish(r, ck, 5, "a", 1, k[:1]) == 1  # idempotent: no duplicate entry
-    assert lookup(r, ck, 5, k[:1]) == ["a@1"]
-    # Another node holding the same key is appended; "n1" and "n10" are distinct node ids.
-    assert publish(r, ck, 5, "a1", 4, [k[0]]) == 1
-    assert publish(r, ck, 5, "a10", 6, [k[0]]) == 1
-    assert lookup(r, ck, 5, k[:1]) == ["a@1,a1@4,a10@6"]
-    # A newer incarnation of a replaces its own entry (in place of appending).
-    assert publish(r, ck, 5, "a", 2, [k[0]]) == 1
-    assert sorted(lookup(r, ck, 5, k[:1])[0].split(",")) == ["a10@6", "a1@4", "a@2"]
-    # Removals: only a's entry goes; a key nobody lists is not counted; an emptied key goes.
-    assert publish(r, ck, 5, "a", 2, [], [k[0], k[1], k[3]]) == 2
-    assert lookup(r, ck, 5, k) == ["a1@4,a10@6", None, "a@1", None]
-    assert not r.hexists(ck.loc(5), k[1])
-    assert publish(r, ck, 5, "a1", 4, [], [k[0]]) == 1
-    assert lookup(r, ck, 5, k[:1]) == ["a10@6"]
-    # Adds and removes in one batch.
-    assert publish(r, ck, 5, "a", 2, [k[3]], [k[2]]) == 2
-    assert lookup(r, ck, 5, k) == ["a10@6", None, None, "a@2"]
-    # The call raised the partition's fence to the newest incarnation it saw.
-    assert hgetall(r, ck.fence(5))["a"] == "2"
+    a1, b, c, a2 = (1_764_300_000_123 + i for i in range(4))
+    assert publish(r, ck, 5, "a", a1, k[:3]) == 3
+    assert lookup(r, ck, 5, k) == [held(a1), held(a1), held(a1), None]
+    assert publish(r, ck, 5, "a", a1, k[:1]) == 1  # idempotent: no duplicate entry
+    assert lookup(r, ck, 5, k[:1]) == [held(a1)]
+    # Other incarnations holding the same key are appended.
+    assert publish(r, ck, 5, "b", b, [k[0]]) == 1
+    assert publish(r, ck, 5, "c", c, [k[0]]) == 1
+    assert lookup(r, ck, 5, k[:1]) == [held(a1, b, c)]
+    # Publishing an entry again dedupes it (it moves to the end of the list).
+    assert publish(r, ck, 5, "a", a1, [k[0]]) == 1
+    assert lookup(r, ck, 5, k[:1]) == [held(b, c, a1)]
+    # A newer incarnation of a is another entry: a1's stays (dead) until kvpool_gc drops it.
+    assert publish(r, ck, 5, "a", a2, [k[0], k[2]]) == 2
+    assert lookup(r, ck, 5, k) == [held(b, c, a1, a2), held(a1), held(a1, a2), None]
+    # Removals drop the identical entry only; a key that does not list it is not counted.
+    assert publish(r, ck, 5, "a", a2, [], [k[0], k[1], k[3]]) == 1
+    assert lookup(r, ck, 5, k) == [held(b, c, a1), held(a1), held(a1, a2), None]
+    assert publish(r, ck, 5, "b", b, [], [k[0]]) == 1
+    assert lookup(r, ck, 5, k[:1]) == [held(c, a1)]
+    # Adds and removes in one batch; a key whose list empties goes.
+    assert publish(r, ck, 5, "a", a2, [k[3]], [k[2]]) == 2
+    assert lookup(r, ck, 5, k) == [held(c, a1), held(a1), held(a1), held(a2)]
+    assert publish(r, ck, 5, "a", a2, [], [k[3]]) == 1
+    assert not r.hexists(ck.loc(5), k[3])
+    # The call raised the partition's fence to the newest incarnation it saw: a1 is fenced.
+    assert hgetall(r, ck.fence(5))["a"] == str(a2)
+    assert publish(r, ck, 5, "a", a1, [], [k[1]]) == FENCED
+    assert lookup(r, ck, 5, k[1:2]) == [held(a1)]
 
 
 def test_publish_is_fenced_by_a_newer_incarnation(r: redis.Redis, ck: ClusterKeys) -> None:
@@ -595,12 +618,15 @@ def test_publish_is_fenced_by_a_newer_incarnation(r: redis.Redis, ck: ClusterKey
     with pytest.raises(FencedError):
         reg.publish("a", old, keys_in(2, 3, b"late"), [])
     assert publish(r, ck, 9, "a", old, [], k[2:]) == FENCED
-    assert lookup(r, ck, 9, k[2:]) == [f"a@{old}"] * 2  # the fenced removal changed nothing
+    assert lookup(r, ck, 9, k[2:]) == [held(old)] * 2  # the fenced removal changed nothing
     assert lookup(r, ck, 2, keys_in(2, 3, b"late")) == [None] * 3
     assert reg.publish("a", new, k, []) == 4
-    assert reg.lookup(k) == [[f"a@{new}"]] * 4
+    # The old incarnation's entries stay (dead) beside the new ones until gc drops them.
+    assert reg.lookup(k) == [[held(old), held(new)]] * 4
+    assert reg.collect_garbage() == 4
+    assert reg.lookup(k) == [[held(new)]] * 4
     # Fencing one partition is enough to fence publishes to it, even without a new join.
-    r.fcall("kvpool_fence", 1, ck.fence(7), "b", 10)
+    fence(r, ck, 7, "b", 10)
     assert publish(r, ck, 7, "b", 9, keys_in(7, 1)) == FENCED
     assert publish(r, ck, 7, "b", 10, keys_in(7, 1)) == 1
 
@@ -613,6 +639,11 @@ def test_publish_is_fenced_by_a_newer_incarnation(r: redis.Redis, ck: ClusterKey
         ["a", 1, 3, b"k1", b"k2"],  # n_added larger than the keys given
         ["a", "one", 0],  # incarnation not a number
         ["a", 1, "many"],
+        ["a", "1.5", 0],  # the incarnation must be an integer in [0, 2^53)
+        ["a", -1, 0],
+        ["a", 2**53, 0],
+        ["a", 1, 1, INDEX_SENTINEL],  # the sentinel is no block key
+        ["a", 1, 1, b"k1", INDEX_SENTINEL],
         [],
     ],
 )
@@ -623,10 +654,11 @@ def test_publish_bad_args(r: redis.Redis, ck: ClusterKeys, argv: list[Any]) -> N
 
 def test_lookup_order_and_missing(r: redis.Redis, ck: ClusterKeys) -> None:
     k = keys_in(11, 6)
-    publish(r, ck, 11, "a", 3, [k[4], k[1]])
-    publish(r, ck, 11, "b", 5, [k[1], k[5]])
+    a, b = 1_764_300_000_003, 1_764_300_000_005
+    publish(r, ck, 11, "a", a, [k[4], k[1]])
+    publish(r, ck, 11, "b", b, [k[1], k[5]])
     assert lookup(r, ck, 11, [k[5], k[0], k[1], k[4], k[2], k[1]]) == [
-        "b@5", None, "a@3,b@5", "a@3", None, "a@3,b@5",
+        held(b), None, held(a, b), held(a), None, held(a, b),
     ]  # fmt: skip
     assert r.fcall_ro("kvpool_lookup", 1, ck.loc(11)) == []
     assert r.fcall_ro("kvpool_lookup", 1, ck.loc(12), k[0]) == [None]
@@ -638,8 +670,6 @@ def test_registry_lookup_and_locate_span_partitions(
 ) -> None:
     """lookup keeps the caller's order over all partitions; locate returns only live holders.
     Both readers (the core's, for plain TCP, and redis-py's otherwise) agree."""
-    import random
-
     rng = random.Random(7)
     conn = (
         redis.Redis(unix_socket_path=redis_server.unix_socket, socket_timeout=5)
@@ -662,11 +692,11 @@ def test_registry_lookup_and_locate_span_partitions(
         for i in range(len(keys)):
             e = []
             if 0 <= i < 300:
-                e.append(f"a@{a}")
+                e.append(held(a))
             if 200 <= i < 400:
-                e.append(f"b@{b}")
+                e.append(held(b))
             if 450 <= i < 500:
-                e.append("gone@1")
+                e.append(held(1))
             expect.append(e)
         ep, holders = reg.lookup_with_epoch(keys)
         assert ep == reg.epoch() == ep_b
@@ -676,7 +706,7 @@ def test_registry_lookup_and_locate_span_partitions(
         assert reg.lookup([keys[i] for i in order]) == [expect[i] for i in order]
         assert reg.lookup([]) == []
 
-        live = [f"b@{b}", f"a@{a}"]
+        live = [held(b), held(a)]
         ep, where = reg.locate(keys, live)
         assert ep == ep_b
         for i, w in enumerate(where):
@@ -687,7 +717,7 @@ def test_registry_lookup_and_locate_span_partitions(
             else:
                 assert w == -1, i  # missing, or only a dead node lists it
         # Only b live: a's entries are never returned.
-        _, where = reg.locate(keys[:400], [f"b@{b}"])
+        _, where = reg.locate(keys[:400], [held(b)])
         assert where == [-1] * 200 + [0] * 200
     finally:
         conn.close()
@@ -696,12 +726,13 @@ def test_registry_lookup_and_locate_span_partitions(
 def test_gc_removes_dead_incarnations_and_keeps_live(r: redis.Redis, ck: ClusterKeys) -> None:
     # 1200 keys in one partition: more than a listpack hash holds, so HSCAN really pages.
     k = keys_in(6, 1200)
-    publish(r, ck, 6, "a", 1, k[:700])  # a@1 dead
-    publish(r, ck, 6, "b", 2, k[400:1200])  # b@2 live
-    publish(r, ck, 6, "c", 3, k[500:520])  # c@3 dead
-    publish(r, ck, 6, "a", 4, k[100:150])  # a@4 live (replaces a@1 there)
+    publish(r, ck, 6, "a", 1, k[:700])  # a/1 dead
+    publish(r, ck, 6, "b", 2, k[400:1200])  # b/2 live
+    publish(r, ck, 6, "c", 3, k[500:520])  # c/3 dead
+    publish(r, ck, 6, "a", 40, k[100:150])  # a/40 live (a/1 stays listed there too)
     assert r.object("encoding", ck.loc(6)) == b"hashtable"
-    live = ["b@2", "a@4", "z@9"]
+    live = [held(2), held(40), held(9)]
+    assert live == ["2", "14", "9"]
     removed, cursor, calls = 0, "0", 0
     while True:
         nxt, n = r.fcall("kvpool_gc", 1, ck.loc(6), cursor, 10, *live)
@@ -712,30 +743,168 @@ def test_gc_removes_dead_incarnations_and_keeps_live(r: redis.Redis, ck: Cluster
             break
         assert calls < 10_000, "gc cursor loop does not terminate"
     assert calls > 10  # paged
-    # a@1 on 0..99 and 150..699 (650 entries), c@3 on 500..519 (20)
-    assert removed == 650 + 20
+    # a/1 on 0..699 (700 entries), c/3 on 500..519 (20)
+    assert removed == 700 + 20
     got = lookup(r, ck, 6, k)
     for i, v in enumerate(got):
         want = []
         if 100 <= i < 150:
-            want.append("a@4")
+            want.append(held(40))
         if i >= 400:
-            want.append("b@2")
+            want.append(held(2))
         assert sorted(v.split(",") if v else []) == sorted(want), i
-    assert r.hlen(ck.loc(6)) == 50 + 800
+    assert r.hlen(ck.loc(6)) == 50 + 800 + 1  # + the sentinel
     # A second pass finds nothing; the wrapper covers every partition.
     reg = Registry(r, ck.name)
     publish(r, ck, 13, "a", 1, keys_in(13, 3))
     assert reg.gc(live, page=7) == 3
     assert reg.gc(live) == 0
-    assert not r.exists(ck.loc(13))
+    assert r.hkeys(ck.loc(13)) == [INDEX_SENTINEL.encode()]
     # Bad args.
     assert r.fcall("kvpool_gc", 1, ck.loc(6), "0", 0) == BAD_ARGS
     assert r.fcall("kvpool_gc", 1, ck.loc(6), "0", "x") == BAD_ARGS
     assert r.fcall("kvpool_gc", 1, ck.loc(6)) == BAD_ARGS
-    # Nothing live: everything goes.
+    # Nothing live: every entry goes; the sentinel stays.
     assert reg.gc([], page=100) == 850
-    assert not r.exists(ck.loc(6))
+    assert r.hkeys(ck.loc(6)) == [INDEX_SENTINEL.encode()]
+
+
+def test_entries_are_base36_incarnations(r: redis.Redis, ck: ClusterKeys) -> None:
+    """An index entry is the incarnation alone, in base 36 (lowercase): what Lua writes is what
+    Member.entry and incarnation_entry say, and int(entry, 36) gives the incarnation back."""
+    assert incarnation_entry(1_764_300_000_123) == "miiao0or"
+    assert [incarnation_entry(i) for i in (0, 9, 10, 35, 36, 1295, 1296)] == [
+        "0", "9", "a", "z", "10", "zz", "100",
+    ]  # fmt: skip
+    with pytest.raises(ValueError):
+        incarnation_entry(-1)
+    reg = Registry(r, ck.name)
+    inc, _ = reg.join("a", "h:1", "tcp", 1, LONG_TTL)
+    reg.fence_all("a", inc)
+    (m,) = reg.members()[1]
+    key = keys_in(4, 1)[0]
+    assert reg.publish("a", inc, [key], []) == 1
+    (raw,) = lookup(r, ck, 4, [key])
+    assert raw == m.entry == incarnation_entry(inc)
+    assert re.fullmatch(r"[0-9a-z]+", raw) and int(raw, 36) == inc
+    assert reg.locate([key], [m.entry]) == (reg.epoch(), [0])
+    # Lua's encoder agrees with Python's on the edges of the range (one node id per value, so
+    # each publish passes its fence), up to the largest incarnation a Lua number holds exactly.
+    edge = [0, 1, 35, 36, 1295, 1296, 36**6 - 1, 36**6, inc, 2**53 - 1]
+    keys = keys_in(8, len(edge))
+    for i, (n, k) in enumerate(zip(edge, keys, strict=True)):
+        assert publish(r, ck, 8, f"n{i}", n, [k]) == 1
+    assert lookup(r, ck, 8, keys) == [incarnation_entry(n) for n in edge]
+    assert [int(e, 36) for e in lookup(r, ck, 8, keys) if e] == edge
+
+
+def test_same_incarnation_once_two_incarnations_both(r: redis.Redis, ck: ClusterKeys) -> None:
+    reg = Registry(r, ck.name)
+    a, _ = reg.join("a", "h:1", "tcp", 1, LONG_TTL)
+    b, _ = reg.join("b", "h:2", "tcp", 1, LONG_TTL)
+    reg.fence_all("a", a)
+    reg.fence_all("b", b)
+    k = keys_in(1, 3) + keys_in(12, 3)
+    assert reg.publish("a", a, k, []) == 6
+    assert reg.publish("a", a, k[:2] + k[3:5], []) == 4  # the same keys again, same incarnation
+    assert reg.lookup(k) == [[held(a)]] * 6  # one entry each
+    assert reg.publish("b", b, k[1:5], []) == 4
+    assert reg.publish("b", b, k[1:5], []) == 4
+    both = [
+        [held(a)],
+        [held(a), held(b)],
+        [held(a), held(b)],
+        [held(a), held(b)],
+        [held(a), held(b)],
+        [held(a)],
+    ]
+    assert reg.lookup(k) == both
+    # Either holder is found through the member list; each removes only its own entry.
+    _, where = reg.locate(k, [held(b)])
+    assert where == [-1, 0, 0, 0, 0, -1]
+    assert reg.publish("a", a, [], k[2:4]) == 2
+    assert reg.lookup(k[2:4]) == [[held(b)]] * 2
+    # Holder lists map to node ids through the members (the entry no longer names the node).
+    node_of = {m.entry: m.node_id for m in reg.members()[1]}
+    assert [sorted(node_of[e] for e in h) for h in reg.lookup(k)] == [
+        ["a"], ["a", "b"], ["b"], ["b"], ["a", "b"], ["a"],
+    ]  # fmt: skip
+    # A superseded incarnation of a: its entries are dead, gc drops them and nothing else.
+    a2, _ = reg.join("a", "h:1", "tcp", 1, LONG_TTL)
+    reg.fence_all("a", a2)
+    assert reg.publish("a", a2, k[:1], []) == 1
+    assert reg.lookup(k[:1]) == [[held(a), held(a2)]]
+    assert reg.collect_garbage() == 4  # a's entries on k[0], k[1], k[4], k[5]
+    assert reg.lookup(k) == [[held(a2)], [held(b)], [held(b)], [held(b)], [held(b)], []]
+
+
+def test_fenced_partitions_stay_hashtables(r: redis.Redis, ck: ClusterKeys) -> None:
+    """A node fences every partition right after it joins: with only a handful of keys the loc
+    hashes are already hashtables (HMGET a hash lookup, not a listpack scan), and stay so."""
+    max_value = int(r.config_get("hash-max-listpack-value")["hash-max-listpack-value"])
+    reg = Registry(r, ck.name)
+    inc, _ = reg.join("a", "h:1", "tcp", 1, LONG_TTL)
+    reg.fence_all("a", inc)
+    keys = [bytes([0, p]) + bytes(14) for p in range(5)]
+    assert reg.publish("a", inc, keys, []) == 5
+    for p in range(NUM_PARTITIONS):
+        assert r.object("encoding", ck.loc(p)) == b"hashtable", p
+        value = r.hget(ck.loc(p), INDEX_SENTINEL)
+        assert value is not None and len(value) > max_value
+    assert reg.index_keys() == 5
+    # A publish without a fence first (a loc hash recreated after a FLUSH) writes it as well.
+    other = ClusterKeys(cluster_name())
+    publish(r, other, 0, "a", inc, keys[:1])
+    assert r.object("encoding", other.loc(0)) == b"hashtable"
+    assert r.hexists(other.loc(0), INDEX_SENTINEL)
+    # Without the sentinel the same handful of keys is a listpack (what the sentinel prevents).
+    r.hdel(other.loc(0), INDEX_SENTINEL)
+    r.restore(f"{other.loc(0)}:re", 0, r.dump(other.loc(0)))
+    assert r.object("encoding", f"{other.loc(0)}:re") == b"listpack"
+    r.delete(f"{other.loc(0)}:re")
+    # It stays a hashtable through RDB serialisation (DUMP/RESTORE, as when Redis loads its RDB).
+    copy = f"{ck.loc(0)}:copy"
+    r.restore(copy, 0, r.dump(ck.loc(0)))
+    try:
+        assert r.object("encoding", copy) == b"hashtable"
+    finally:
+        r.delete(copy)
+    # And once every block key is gone (gc or removals), the hash stays, a hashtable.
+    assert reg.publish("a", inc, [], keys) == 5
+    assert reg.index_keys() == 0
+    for p in range(NUM_PARTITIONS):
+        assert r.hkeys(ck.loc(p)) == [INDEX_SENTINEL.encode()]
+        assert r.object("encoding", ck.loc(p)) == b"hashtable"
+
+
+def test_gc_never_removes_the_sentinel(r: redis.Redis, ck: ClusterKeys) -> None:
+    reg = Registry(r, ck.name)
+    live, _ = reg.join("live", "h:1", "tcp", 1, LONG_TTL)
+    dead, _ = reg.join("dead", "h:2", "tcp", 1, LONG_TTL)
+    reg.fence_all("live", live)
+    reg.fence_all("dead", dead)
+    rng = random.Random(3)
+    keys = [rng.randbytes(16) for _ in range(300)]
+    reg.publish("live", live, keys[:100], [])
+    reg.publish("dead", dead, keys[50:300], [])
+    reg.leave("dead", dead)
+    assert reg.index_keys() == 300
+    # Small pages: the sentinel comes up in some page of every partition and is skipped.
+    assert reg.gc([held(live)], page=3) == 250  # entries, the sentinel not among them
+    assert reg.index_keys() == 100
+    assert reg.lookup(keys) == [[held(live)]] * 100 + [[]] * 200
+    assert reg.collect_garbage() == 0
+    # Nothing live: every entry goes, every sentinel stays (HLEN counts it, index_keys not).
+    assert reg.gc([], page=1) == 100
+    assert reg.gc([]) == 0
+    assert reg.index_keys() == 0
+    for p in range(NUM_PARTITIONS):
+        assert r.hlen(ck.loc(p)) == 1 and r.hexists(ck.loc(p), INDEX_SENTINEL)
+        assert r.object("encoding", ck.loc(p)) == b"hashtable"
+    # A direct kvpool_gc call with the ">N" rule does not touch it either.
+    for p in range(NUM_PARTITIONS):
+        assert r.fcall("kvpool_gc", 1, ck.loc(p), "0", 100, ">0") == [b"0", 0]
+        assert r.hexists(ck.loc(p), INDEX_SENTINEL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,11 +981,15 @@ def test_library_on_a_redis_cluster_node(start_redis: RedisFactory) -> None:
         assert reg.heartbeat("a", inc, LONG_TTL, {"used_bytes": 1}) == ep
         keys = [bytes([i, i]) + bytes(14) for i in range(64)]
         assert reg.publish("a", inc, keys, []) == 64
-        assert reg.lookup(keys) == [[f"a@{inc}"]] * 64
-        assert reg.locate(keys, [f"a@{inc}"]) == (ep, [0] * 64)
-        assert [m.entry for m in reg.members()[1]] == [f"a@{inc}"]
+        assert reg.lookup(keys) == [[held(inc)]] * 64
+        assert reg.locate(keys, [held(inc)]) == (ep, [0] * 64)
+        assert [m.entry for m in reg.members()[1]] == [held(inc)]
         assert reg.node_stats()[1][0][1]["used_bytes"] == 1
+        assert reg.index_keys() == 64
         assert reg.gc([]) == 64
+        assert reg.index_keys() == 0
+        for p in range(NUM_PARTITIONS):
+            assert r.hkeys(ck.loc(p)) == [INDEX_SENTINEL.encode()]
         assert reg.leave("a", inc) == ep + 1
     finally:
         r.close()
@@ -863,7 +1036,7 @@ def test_redis_cli_fcall(redis_server: RedisProcess, r: redis.Redis) -> None:
     publish_argv = [ck.loc(p), ck.fence(p), "ops", str(inc), "1", key]
     assert redis_cli(redis_server, "FCALL", "kvpool_publish", "2", *publish_argv) == ["1"]
     assert redis_cli(redis_server, "FCALL_RO", "kvpool_lookup", "1", ck.loc(p), key, "nope") == [
-        f"ops@{inc}",
+        held(inc),
         "",
     ]
     assert redis_cli(redis_server, "FCALL", "kvpool_heartbeat", "4", *m, "ops", "0", "1000") == [
@@ -895,9 +1068,9 @@ def test_gc_keeps_incarnations_newer_than_the_member_list(r: redis.Redis, ck: Cl
     assert removed == 10
     holders = reg.lookup(k[:20])
     assert holders[:10] == [[]] * 10
-    assert holders[10:] == [[f"new@{new_inc}"]] * 10
+    assert holders[10:] == [[held(new_inc)]] * 10
     # The agent's sweep reads the members itself; "new" is live, so nothing more goes.
     assert reg.collect_garbage() == 0
-    assert reg.lookup(k[10:20]) == [[f"new@{new_inc}"]] * 10
+    assert reg.lookup(k[10:20]) == [[held(new_inc)]] * 10
     reg.leave("new", new_inc)
     assert reg.collect_garbage() == 10

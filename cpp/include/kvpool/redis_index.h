@@ -36,13 +36,14 @@ class RedisIndexReader {
                    uint32_t timeout_ms);
   ~RedisIndexReader();
 
-  /// Fills `epoch` and, per key, its holders as published ("node@incarnation,..." or empty).
+  /// Fills `epoch` and, per key, its holders as published: comma-separated entries, each a node's
+  /// incarnation in base 36 (see redis_scripts/00_common.lua), or empty.
   /// Errors: Connection/Timeout/Closed for the network, Protocol for a reply it cannot parse,
   /// Internal with Redis's message for an error reply (e.g. the library is not loaded).
   Status Lookup(std::span<const Key128> keys, int64_t* epoch, std::vector<std::string>* holders);
 
-  /// Like Lookup, but maps each key to the index in `live` (entries "node@incarnation" of the
-  /// caller's member view) of its first published holder that is live, or -1. Entries of dead
+  /// Like Lookup, but maps each key to the index in `live` (the base-36 incarnation entries of
+  /// the caller's member view) of its first published holder that is live, or -1. Entries of dead
   /// incarnations are thereby never returned.
   Status Locate(std::span<const Key128> keys, std::span<const std::string> live, int64_t* epoch,
                 std::vector<int32_t>* holder);
