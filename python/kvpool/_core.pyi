@@ -9,6 +9,8 @@ import typing
 
 __all__: list[str] = [
     "Client",
+    "CopyEngine",
+    "KVRegion",
     "Namespace",
     "RedisIndexReader",
     "Server",
@@ -70,6 +72,42 @@ class RedisIndexReader:
         self, arg0: collections.abc.Sequence, arg1: collections.abc.Sequence[str]
     ) -> tuple[int, list[int]]: ...
     def lookup(self, arg0: collections.abc.Sequence) -> tuple[int, list]: ...
+
+class KVRegion:
+    def __init__(
+        self,
+        base: typing.SupportsInt | typing.SupportsIndex,
+        stride: typing.SupportsInt | typing.SupportsIndex,
+        bytes: typing.SupportsInt | typing.SupportsIndex,
+        num_blocks: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def __repr__(self) -> str: ...
+    @property
+    def base(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def stride(self) -> int: ...
+
+class CopyEngine:
+    @staticmethod
+    def cpu(
+        regions: collections.abc.Sequence[KVRegion],
+        threads: typing.SupportsInt | typing.SupportsIndex = 1,
+        parallel_bytes: typing.SupportsInt | typing.SupportsIndex = 8388608,
+    ) -> CopyEngine: ...
+    def gather(self, arg0: typing.Any, arg1: typing.Any) -> None: ...
+    def scatter(self, arg0: typing.Any, arg1: typing.Any) -> None: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def object_bytes(self) -> int: ...
+    @property
+    def regions(self) -> list[KVRegion]: ...
 
 class ServerOptions:
     eviction: str
