@@ -61,7 +61,13 @@ def _cmd_local(args: argparse.Namespace) -> int:
     from kvpool.local import run_local
 
     _setup_logging("info")
-    return run_local(serve_forever=args.serve, memory=args.memory, prompt_tokens=args.tokens)
+    return run_local(
+        serve_forever=args.serve,
+        memory=args.memory,
+        prompt_tokens=args.tokens,
+        engines=args.engines,
+        model=args.model,
+    )
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -158,9 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flags(p)
     p.set_defaults(func=_cmd_server)
 
-    p = sub.add_parser("local", help="start a local node and run a demo workload against it")
+    p = sub.add_parser(
+        "local", help="start a local cluster (redis + 3 nodes) and two vLLM engines that share it"
+    )
     p.add_argument("--memory", default="256MiB", help="pool size of each local node")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens of the demo prompt")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of the shared prompt prefix")
+    p.add_argument(
+        "--engines",
+        choices=("vllm", "synthetic"),
+        default="vllm",
+        help="vllm: two vLLM engines on a local model; synthetic: block traffic without vLLM",
+    )
+    p.add_argument("--model", help="a local model directory (default: a tiny model made here)")
     p.add_argument("--serve", action="store_true", help="keep serving after the demo until Ctrl-C")
     p.set_defaults(func=_cmd_local)
 

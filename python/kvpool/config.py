@@ -7,13 +7,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import tomllib
 
 from kvpool.errors import ConfigError
 
-__all__ = ["ServerConfig", "parse_size"]
+__all__ = ["ConnectorConfig", "ServerConfig", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -49,7 +49,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-_SIZE_KEYS = ("memory", "max_frame_bytes", "max_block_bytes")
+_SIZE_KEYS = ("memory", "max_frame_bytes", "max_block_bytes", "max_pending_save")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _CHOICES: Mapping[str, tuple[str, ...]] = {
     "eviction": ("s3fifo", "lru"),
     "hugepages": ("auto", "on", "off"),
@@ -57,9 +58,104 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 
 
+class _Settings:
+    """A dataclass of settings: typed coercion, unknown keys refused, layered sources."""
+
+    #: The TOML table that holds these settings (keys may also sit at the top level).
+    _section = ""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    def update(self, values: Mapping[str, Any], *, source: str) -> Self:
+        """Applies ``values`` (from ``source``, named in errors); unknown keys are errors."""
+        known = {f.name: f for f in fields(self)}  # type: ignore[arg-type]
+        for key, raw in values.items():
+            if raw is None:
+                continue
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})"
+                )
+            setattr(self, key, self._coerce(key, known[key].type, raw, source))
+        self.validate()
+        return self
+
+    def _coerce(self, key: str, typ: Any, raw: Any, source: str) -> Any:
+        try:
+            if key in _SIZE_KEYS:
+                return parse_size(raw, name=f"{source}: {key}")
+            if typ in (bool, "bool"):
+                if isinstance(raw, bool):
+                    return raw
+                if str(raw).strip().lower() in _TRUE + _FALSE:
+                    return str(raw).strip().lower() in _TRUE
+                raise ValueError
+            if typ in (int, "int"):
+                if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                    raise ValueError
+                return int(raw)
+            if typ in (float, "float"):
+                if isinstance(raw, bool):
+                    raise ValueError
+                return float(raw)
+            value = str(raw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
+        choices = _CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}: {key} = {value!r}, expected one of {', '.join(choices)}")
+        return value
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad value."""
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        file: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        overrides_source: str = "command line",
+    ) -> Self:
+        """Defaults, then ``file`` (TOML; keys at top level or under the class's section), then
+        ``KVPOOL_<KEY>`` variables from ``env`` (default ``os.environ``), then ``overrides``."""
+        config = cls()
+        env = os.environ if env is None else env
+        path = file or env.get("KVPOOL_CONFIG")
+        if path:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {str(path)!r} does not exist") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {str(path)!r}: {e}") from None
+            section = data.pop(cls._section, None)
+            for other in ("server", "connector"):  # the other component's table is not ours
+                data.pop(other, None)
+            if isinstance(section, dict):
+                data.update(section)
+            config.update(data, source=f"config file {str(path)!r}")
+        from_env = {
+            name: env[f"KVPOOL_{name.upper()}"]
+            for name in cls.field_names()
+            if f"KVPOOL_{name.upper()}" in env
+        }
+        config.update(from_env, source="environment")
+        if overrides:
+            config.update(overrides, source=overrides_source)
+        return config
+
+
 @dataclass
-class ServerConfig:
+class ServerConfig(_Settings):
     """Settings of one storage node (``kvpool server``)."""
+
+    _section = "server"
 
     host: str = "127.0.0.1"
     port: int = 7070
@@ -81,44 +177,6 @@ class ServerConfig:
     advertise: str = ""  #: host:port clients use to reach this node; default host:port
     lease_ttl: float = 3.0
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def update(self, values: Mapping[str, Any], *, source: str) -> ServerConfig:
-        """Applies ``values`` (from ``source``, named in errors); unknown keys are errors."""
-        known = {f.name: f for f in fields(self)}
-        for key, raw in values.items():
-            if raw is None:
-                continue
-            if key not in known:
-                raise ConfigError(
-                    f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})"
-                )
-            setattr(self, key, self._coerce(key, known[key].type, raw, source))
-        self.validate()
-        return self
-
-    def _coerce(self, key: str, typ: Any, raw: Any, source: str) -> Any:
-        try:
-            if key in _SIZE_KEYS:
-                return parse_size(raw, name=f"{source}: {key}")
-            if typ in (int, "int"):
-                if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                    raise ValueError
-                return int(raw)
-            if typ in (float, "float"):
-                return float(raw)
-            value = str(raw)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
-        choices = _CHOICES.get(key)
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{source}: {key} = {value!r}, expected one of {', '.join(choices)}")
-        return value
-
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 0..65535")
@@ -136,36 +194,34 @@ class ServerConfig:
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"redis = {self.redis!r} is not a redis://, rediss:// or unix:// URL")
 
-    @classmethod
-    def load(
-        cls,
-        *,
-        file: str | os.PathLike[str] | None = None,
-        env: Mapping[str, str] | None = None,
-        overrides: Mapping[str, Any] | None = None,
-    ) -> ServerConfig:
-        """Defaults, then ``file`` (TOML; keys at top level or under ``[server]``), then
-        ``KVPOOL_<KEY>`` variables from ``env`` (default ``os.environ``), then ``overrides``."""
-        config = cls()
-        env = os.environ if env is None else env
-        path = file or env.get("KVPOOL_CONFIG")
-        if path:
-            try:
-                data = tomllib.loads(Path(path).read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"config file {str(path)!r} does not exist") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"config file {str(path)!r}: {e}") from None
-            section = data.pop("server", None)
-            if isinstance(section, dict):
-                data.update(section)
-            config.update(data, source=f"config file {str(path)!r}")
-        from_env = {
-            name: env[f"KVPOOL_{name.upper()}"]
-            for name in cls.field_names()
-            if f"KVPOOL_{name.upper()}" in env
-        }
-        config.update(from_env, source="environment")
-        if overrides:
-            config.update(overrides, source="command line")
-        return config
+
+@dataclass
+class ConnectorConfig(_Settings):
+    """Settings of the vLLM connector (``kvpool.vllm.KVPoolConnector``): from
+    ``kv_connector_extra_config``, ``KVPOOL_*`` variables or a TOML file's ``[connector]`` table."""
+
+    _section = "connector"
+
+    #: The cluster's Redis (``redis://[user:password@]host:port/db``, ``rediss://`` for TLS).
+    redis_url: str = ""
+    cluster: str = "default"
+    #: Deadline of every lookup, load and save call, in seconds: a slow cluster costs at most this.
+    timeout: float = 2.0
+    replicas: int = 0
+    load_blocks: bool = True  #: load hits (off: the engine only writes)
+    save_blocks: bool = True  #: save computed blocks (off: the engine only reads)
+    #: Saves queued for the background writer beyond this many bytes are dropped (and counted).
+    max_pending_save: int = 1 << 30
+    #: The model's name in block keys; default: vLLM's model name or path. Set it when engines
+    #: load the same weights from different paths.
+    model_id: str = ""
+
+    def validate(self) -> None:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"redis_url = {self.redis_url!r} is not a redis://, rediss:// or unix:// URL"
+            )
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.replicas < 0:
+            raise ConfigError(f"replicas must be >= 0, got {self.replicas}")

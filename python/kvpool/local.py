@@ -1,5 +1,8 @@
-"""``kvpool local``: an embedded local cluster (redis-server + 3 nodes on loopback) and a demo
-workload that shows cross-engine prefix reuse and a node failure."""
+"""``kvpool local``: an embedded local cluster (redis-server + 3 nodes on loopback) and a demo.
+
+The default demo runs two real vLLM engines on a small local model (``kvpool.vllm.demo``): engine
+B loads the prefix KV that engine A computed. ``--engines synthetic`` runs a demo without vLLM:
+synthetic blocks written and read back across the nodes, and a node failure."""
 
 from __future__ import annotations
 
@@ -102,7 +105,12 @@ class _Node:
 
 
 def run_local(
-    *, serve_forever: bool = False, memory: str = "256MiB", prompt_tokens: int = 16384
+    *,
+    serve_forever: bool = False,
+    memory: str = "256MiB",
+    prompt_tokens: int = 16384,
+    engines: str = "vllm",
+    model: str | None = None,
 ) -> int:
     per_node = parse_size(memory, name="--memory")
     stop_signals = {signal.SIGINT, signal.SIGTERM}
@@ -117,8 +125,13 @@ def run_local(
             f"kvpool local: redis at {redis_url}, {_NODES} nodes with {per_node >> 20} MiB each: "
             + ", ".join(n.server.address for n in nodes)
         )
-        cluster = stack.enter_context(Cluster(redis_url, _CLUSTER, timeout=2.0))
-        _demo(cluster, nodes, prompt_tokens)
+        if engines == "vllm":
+            from kvpool.vllm.demo import run_demo
+
+            run_demo(redis_url, _CLUSTER, tokens=prompt_tokens, model=model)
+        else:
+            cluster = stack.enter_context(Cluster(redis_url, _CLUSTER, timeout=2.0))
+            _demo(cluster, nodes, prompt_tokens)
         if serve_forever:
             print(
                 f"serving until Ctrl-C "

@@ -264,7 +264,9 @@ def test_kvpool_stats_unreachable() -> None:
 
 
 def test_kvpool_local_end_to_end() -> None:
-    out = run_kvpool(["local", "--tokens", "2048", "--memory", "128MiB"], timeout=120)
+    out = run_kvpool(
+        ["local", "--engines", "synthetic", "--tokens", "2048", "--memory", "128MiB"], timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "bytes verified" in out.stdout
     # 2048 shared tokens are 128 blocks of 16 that the second engine finds in the pool.

