@@ -8,6 +8,7 @@ share one cluster and run in order: the reference engine (no kvpool), engine A (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -56,7 +57,12 @@ class Pool:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def run(
-        self, label: str, *, kvpool_on: bool = True, extra: dict[str, Any] | None = None
+        self,
+        label: str,
+        *,
+        kvpool_on: bool = True,
+        extra: dict[str, Any] | None = None,
+        tp: int = 1,
     ) -> dict[str, Any]:
         """One engine in a fresh process over all prompts; its report (also kept by label)."""
         prompts = self.workdir / "prompts.json"
@@ -66,11 +72,15 @@ class Pool:
                 "--prompts", str(prompts), "--out", str(out), "--block-size", str(BLOCK),
                 "--max-tokens", "12", "--kv-cache-bytes", str(64 << 20),
                 "--max-model-len", "2048", "--eager"]  # fmt: skip
+        env = {}
+        if tp > 1:  # one CPU per rank: vLLM cannot bind ranks to NUMA nodes on a 1-node machine
+            argv += ["--tp", str(tp)]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c % os.cpu_count()) for c in range(tp))
         if kvpool_on:
             argv += ["--redis-url", self.redis.url, "--cluster", self.name]
             argv += ["--extra", json.dumps(extra or {})]
         proc = subprocess.run(
-            argv, env=child_env(), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S
+            argv, env=child_env(env), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S
         )
         assert proc.returncode == 0, f"engine {label} failed:\n{proc.stderr[-6000:]}"
         report: dict[str, Any] = json.loads(out.read_text())
@@ -266,6 +276,37 @@ def test_corrupted_block_changes_the_output(pool: Pool) -> None:
     assert pool.outputs("corrupt")[0] != pool.outputs("ref")[0]
 
 
+def test_tensor_parallel_ranks_store_their_shards_and_hits_need_every_rank(pool: Pool) -> None:
+    """TP = 2: each rank stores and loads its own shard (its own keys: tp_rank is in the
+    namespace). With one rank's shard of prefix block 4 gone, the scheduler reports only the
+    blocks both ranks hold (4 for the first prompt), the rest is recomputed, and the tokens are
+    those of the TP = 2 engine that computed everything."""
+    a = pool.run("tp_a", tp=2)
+    ranks = a["connector"]["ranks"]
+    assert len(ranks) == 2 and all(r["flushed"] for r in ranks)
+    assert [r["saved_blocks"] for r in ranks] == [PREFIX_BLOCKS + 3] * 2, ranks
+    ns = pool.namespace("tp_a")
+    assert ns.tp_size == 2
+    shard0 = block_keys(pool.prompts[0], dataclasses.replace(ns, tp_rank=0))
+    shard1 = block_keys(pool.prompts[0], dataclasses.replace(ns, tp_rank=1))
+    assert not set(shard0) & set(shard1)
+    with Cluster(pool.redis.url, pool.name) as c:
+        (s0,), (s1,) = c.get(shard0[:1]), c.get(shard1[:1])
+        assert s0 is not None and s1 is not None and len(s0) == len(s1)
+        assert c.delete([shard1[4]]) == 1
+    b = pool.run("tp_b", tp=2)
+    assert pool.outputs("tp_b") == pool.outputs("tp_a")
+    scheduler, ranks = b["connector"]["scheduler"], b["connector"]["ranks"]
+    # Prompt 1: blocks 0-3 from kvpool (block 4 lacks rank 1's shard), 4-8 recomputed; prompts
+    # 2 and 3: the prefix from B's own cache, their own full block from kvpool.
+    assert scheduler["hit_tokens"] == (4 + 1 + 1) * BLOCK, scheduler
+    assert [r["loaded_blocks"] for r in ranks] == [4 + 1 + 1] * 2, ranks
+    assert all(r["load_errors"] == 0 for r in ranks)
+    assert [r["cached_tokens"] for r in b["results"]] == [4 * BLOCK] + [
+        full_blocks_before_last_token(p) * BLOCK for p in pool.prompts[1:]
+    ]
+
+
 def test_nodes_killed_between_engines_b_recomputes_correctly(pool: Pool) -> None:
     """Every node dies (SIGKILL) after A stored the blocks. Their leases have not expired, so
     the index still lists the blocks and the engine is told of hits whose loads then fail: it
@@ -278,3 +319,19 @@ def test_nodes_killed_between_engines_b_recomputes_correctly(pool: Pool) -> None
     assert scheduler["hit_tokens"] > 0, "the index should still list the dead nodes' blocks"
     assert worker["loaded_blocks"] == 0
     assert worker["load_errors"] == scheduler["hit_tokens"] // BLOCK, worker
+
+
+def test_main_job_two_engines_share_the_prefix(tmp_path: Path) -> None:
+    """``kvpool local`` (the README's first command): its own cluster, engine A then engine B;
+    B loads the whole shared prefix from kvpool."""
+    from conftest import run_kvpool
+
+    out = run_kvpool(
+        ["local", "--tokens", "1024", "--memory", "64MiB"],
+        env={"XDG_CACHE_HOME": str(tmp_path)},  # the tiny model is created here
+        timeout=2 * ENGINE_TIMEOUT_S,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-6000:]
+    assert "engine A: TTFT" in out.stdout and "stored 33 blocks" in out.stdout, out.stdout
+    assert "engine B: loaded 1024 of 1072 prompt tokens from kvpool" in out.stdout, out.stdout
+    assert "faster" in out.stdout

@@ -47,6 +47,7 @@ def run_engine(
     max_model_len: int = 16384,
     enable_prefix_caching: bool = True,
     eager: bool = False,
+    tp: int = 1,
 ) -> dict[str, Any]:
     """Starts an engine in this process, runs ``prompts`` one by one, returns the report."""
     # One process: the connector's worker side is reachable for flush() and stats below.
@@ -68,6 +69,7 @@ def run_engine(
         kv_transfer_config=KVTransferConfig(**kv_config) if kv_config else None,
         disable_log_stats=False,
         enforce_eager=eager,
+        tensor_parallel_size=tp,
         seed=0,
     )
     startup = time.perf_counter() - t0
@@ -94,16 +96,32 @@ def run_engine(
     return report
 
 
-def _connector_report(llm: Any) -> dict[str, Any]:
-    """Waits for the background saves, then reads both sides' counters."""
+def _flush_and_count(worker: Any) -> dict[str, Any]:
+    """Runs in each worker (``LLM.collective_rpc``): waits for its background saves, returns
+    its counters."""
     from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
 
     from kvpool.vllm.connector import KVPoolConnector
 
-    worker = get_kv_transfer_group()
-    assert isinstance(worker, KVPoolConnector)
-    flushed = worker.flush()
-    out: dict[str, Any] = {"flushed": flushed, "worker": worker.totals.reduce()}
+    connector = get_kv_transfer_group()
+    assert isinstance(connector, KVPoolConnector)
+    flushed = connector.flush()
+    return {"flushed": flushed, **connector.totals.reduce()}
+
+
+def _connector_report(llm: Any) -> dict[str, Any]:
+    """Both sides' counters; the workers' summed over TP ranks (``ranks`` has each one)."""
+    ranks = llm.collective_rpc(_flush_and_count)
+    worker: dict[str, Any] = {}
+    for r in ranks:
+        for k, v in r.items():
+            if k != "flushed" and isinstance(v, int | float):
+                worker[k] = worker.get(k, 0) + v
+    out: dict[str, Any] = {
+        "flushed": all(r["flushed"] for r in ranks),
+        "worker": worker,
+        "ranks": ranks,
+    }
     core = llm.llm_engine.engine_core
     scheduler = getattr(
         getattr(getattr(core, "engine_core", None), "scheduler", None), "connector", None
@@ -127,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--eager", action="store_true", help="no torch.compile: starts faster")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     args = p.parse_args(argv)
     prompts = json.loads(Path(args.prompts).read_text())
     kv_config = (
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len,
         eager=args.eager,
+        tp=args.tp,
     )
     Path(args.out).write_text(json.dumps(report))
     return 0
