@@ -335,3 +335,40 @@ def test_main_job_two_engines_share_the_prefix(tmp_path: Path) -> None:
     assert "engine A: TTFT" in out.stdout and "stored 33 blocks" in out.stdout, out.stdout
     assert "engine B: loaded 1024 of 1072 prompt tokens from kvpool" in out.stdout, out.stdout
     assert "faster" in out.stdout
+
+
+def test_kv_events_and_stats_aggregate_across_ranks() -> None:
+    """What the workers hand vLLM: a block counts as stored once every TP rank stored it, and
+    stats add up across ranks and intervals."""
+    from kvpool.vllm.connector import KVPoolConnector, KVPoolConnectorStats, KVPoolKVEvents
+    from vllm.distributed.kv_events import MEDIUM_STORAGE, BlockRemoved, BlockStored
+
+    def stored(key: bytes) -> BlockStored:
+        return BlockStored(
+            block_hashes=[key],
+            parent_block_hash=None,
+            token_ids=[1] * BLOCK,
+            block_size=BLOCK,
+            lora_id=None,
+            medium=MEDIUM_STORAGE,
+            lora_name=None,
+        )
+
+    rank0, rank1 = KVPoolKVEvents(), KVPoolKVEvents()
+    rank0.add_events([stored(b"a"), stored(b"b")])
+    rank1.add_events([stored(b"a")])
+    combined = rank0  # what vLLM's output aggregator does with the ranks' events
+    combined.add_events(rank1.get_all_events())
+    combined.increment_workers(1)
+    assert combined.get_number_of_workers() == 2
+    assert combined.aggregate().get_all_events() == [stored(b"a")]
+    gone = KVPoolKVEvents()
+    gone.add_events([BlockRemoved(block_hashes=[b"c"], medium=MEDIUM_STORAGE)])
+    assert gone.aggregate().get_all_events()[0].medium == "STORAGE"
+
+    s = KVPoolConnector.build_kv_connector_stats({"loaded_bytes": 10, "load_seconds": 1e-8})
+    assert s is not None and not s.is_empty()
+    s.aggregate(KVPoolConnectorStats(data={"loaded_bytes": 30, "load_seconds": 3e-8}))
+    assert s.reduce()["loaded_bytes"] == 40 and s.reduce()["load_GBps"] == 1.0
+    s.reset()
+    assert s.is_empty()
