@@ -48,6 +48,7 @@ def run_engine(
     enable_prefix_caching: bool = True,
     eager: bool = False,
     tp: int = 1,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Starts an engine in this process, runs ``prompts`` one by one, returns the report."""
     # One process: the connector's worker side is reachable for flush() and stats below.
@@ -60,7 +61,7 @@ def run_engine(
     llm = LLM(
         model=model,
         tokenizer=model,
-        dtype="auto",
+        dtype=dtype,  # type: ignore[arg-type]
         block_size=block_size,
         max_model_len=max_model_len,
         max_num_batched_tokens=max_model_len,
@@ -75,6 +76,7 @@ def run_engine(
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     results = []
+    before = _counters(llm) if kv_config else {}
     for tokens in prompts:
         t = time.perf_counter()
         (out,) = llm.generate([TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False)
@@ -90,10 +92,41 @@ def run_engine(
                 "wall_s": wall,
             }
         )
+        if kv_config:  # this prompt's share of the counters (read after the timed call)
+            after = _counters(llm)
+            results[-1]["connector"] = {k: v - before.get(k, 0) for k, v in after.items()}
+            before = after
     report: dict[str, Any] = {"startup_s": startup, "results": results}
     if kv_config:
         report["connector"] = _connector_report(llm)
     return report
+
+
+def _count(worker: Any) -> dict[str, Any]:
+    """Runs in each worker: its counters so far (saves may still be in flight)."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    return dict(get_kv_transfer_group().totals.reduce())  # type: ignore[attr-defined]
+
+
+def _counters(llm: Any) -> dict[str, float]:
+    """The workers' counters summed over ranks, and the scheduler's lookup counters."""
+    out: dict[str, float] = {}
+    for rank in llm.collective_rpc(_count):
+        for k, v in rank.items():
+            if not k.endswith("GBps"):
+                out[k] = out.get(k, 0) + v
+    scheduler = _scheduler_connector(llm)
+    if scheduler is not None:
+        for k in ("lookups", "lookup_tokens", "hit_tokens", "lookup_errors"):
+            out[k] = scheduler.totals.data.get(k, 0)
+    return out
+
+
+def _scheduler_connector(llm: Any) -> Any:
+    """The scheduler-side connector when the engine core runs in this process, else None."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return getattr(getattr(core, "scheduler", None), "connector", None)
 
 
 def _flush_and_count(worker: Any) -> dict[str, Any]:
@@ -122,10 +155,7 @@ def _connector_report(llm: Any) -> dict[str, Any]:
         "worker": worker,
         "ranks": ranks,
     }
-    core = llm.llm_engine.engine_core
-    scheduler = getattr(
-        getattr(getattr(core, "engine_core", None), "scheduler", None), "connector", None
-    )
+    scheduler = _scheduler_connector(llm)
     if scheduler is not None:
         out["scheduler"] = scheduler.totals.reduce()
         out["namespace"] = dataclasses.asdict(scheduler.namespace)
@@ -146,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=16384)
     p.add_argument("--eager", action="store_true", help="no torch.compile: starts faster")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument(
+        "--dtype", default="auto", help="model dtype (auto: vLLM's choice, bfloat16 on CPU)"
+    )
     args = p.parse_args(argv)
     prompts = json.loads(Path(args.prompts).read_text())
     kv_config = (
@@ -163,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         eager=args.eager,
         tp=args.tp,
+        dtype=args.dtype,
     )
     Path(args.out).write_text(json.dumps(report))
     return 0
