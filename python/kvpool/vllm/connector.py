@@ -102,13 +102,15 @@ _STAT_KEYS = (
     "lookup_tokens",  # scheduler: prompt tokens those lookups covered
     "hit_tokens",  # scheduler: tokens reported as external hits
     "lookup_errors",  # scheduler: lookups that failed (counted as misses)
+    "lookup_seconds",  # scheduler: time in lookups (on the scheduler's critical path)
     "loaded_blocks",
     "loaded_bytes",
     "load_seconds",
     "load_errors",  # blocks that could not be loaded (recomputed by vLLM)
     "saved_blocks",
     "saved_bytes",
-    "save_seconds",
+    "save_seconds",  # the background writer's time
+    "save_gather_seconds",  # copies to staging in wait_for_save (on the forward's critical path)
     "save_errors",  # blocks whose save failed or was dropped
 )
 
@@ -340,6 +342,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         if lookable * self.block_size <= num_computed_tokens:
             return 0, False
         tokens = state.tokens[: lookable * self.block_size]
+        t0 = time.perf_counter()
         try:
             hits = lookable
             for ns in self._rank_namespaces:  # a block counts once every rank holds its shard
@@ -349,11 +352,21 @@ class KVPoolConnector(KVConnectorBase_V1):
                     break
         except Exception as e:  # noqa: BLE001 - a failed lookup is a miss, never a failed request
             log.warning("kvpool lookup for request %s failed: %s", request.request_id, e)
-            self._count(lookups=1, lookup_tokens=len(tokens), lookup_errors=1)
+            self._count(
+                lookups=1,
+                lookup_tokens=len(tokens),
+                lookup_errors=1,
+                lookup_seconds=time.perf_counter() - t0,
+            )
             return 0, False
         state.hit_blocks = hits
         external = max(0, hits * self.block_size - num_computed_tokens)
-        self._count(lookups=1, lookup_tokens=len(tokens), hit_tokens=external)
+        self._count(
+            lookups=1,
+            lookup_tokens=len(tokens),
+            hit_tokens=external,
+            lookup_seconds=time.perf_counter() - t0,
+        )
         return external, False
 
     def _state(self, request: Request) -> _ReqState | None:
@@ -585,6 +598,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             if engine is None:
                 return
         ns = self._ns(meta)
+        t0 = time.perf_counter()
         for op in meta.saves:
             n = len(op.block_ids)
             nbytes = n * engine.object_bytes
@@ -596,6 +610,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             with self._stats_lock:
                 self._pending_bytes += nbytes
             self._saves.put((self._keys(op, ns), staging, op, engine.object_bytes))
+        self._count(save_gather_seconds=time.perf_counter() - t0)
 
     def _save_loop(self) -> None:
         while (job := self._saves.get()) is not None:

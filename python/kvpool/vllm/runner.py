@@ -118,7 +118,7 @@ def _counters(llm: Any) -> dict[str, float]:
                 out[k] = out.get(k, 0) + v
     scheduler = _scheduler_connector(llm)
     if scheduler is not None:
-        for k in ("lookups", "lookup_tokens", "hit_tokens", "lookup_errors"):
+        for k in ("lookups", "lookup_tokens", "hit_tokens", "lookup_errors", "lookup_seconds"):
             out[k] = scheduler.totals.data.get(k, 0)
     return out
 
