@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
-
-import tomllib
 
 from kvpool.errors import ConfigError
 
