@@ -56,7 +56,7 @@ from _util import ProcessSet, install_interrupt_handlers, log, median, run_meta
 from cluster import loadavg, start_nodes, start_redis
 from kvpool.cluster import Cluster
 from kvpool.keys import Namespace, block_keys
-from kvpool.vllm.tiny_model import ModelSpec, make_model, sample_text
+from kvpool.vllm.tiny_model import PRESETS, ModelSpec, make_model, sample_text
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
@@ -73,17 +73,7 @@ LOAD_NOTE = (
 #: no AVX-512 BF16 (matmuls fall back to torch); 4 layers x 2 KV heads x 64 dims make 4 KiB of KV
 #: per token, 128 KiB per 32-token block. A large init_std keeps attention sharp, so a wrong
 #: loaded block would change the greedy output (and ties between logits are unlikely).
-SPEC = ModelSpec(
-    hidden=256,
-    layers=4,
-    heads=4,
-    kv_heads=2,
-    intermediate=688,
-    vocab=1536,
-    max_positions=16384,
-    dtype="float32",
-    init_std=0.2,
-)
+SPEC = PRESETS["bench"]
 
 
 class BenchError(RuntimeError):

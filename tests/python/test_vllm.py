@@ -372,3 +372,22 @@ def test_kv_events_and_stats_aggregate_across_ranks() -> None:
     assert s.reduce()["loaded_bytes"] == 40 and s.reduce()["load_GBps"] == 1.0
     s.reset()
     assert s.is_empty()
+
+
+def test_staging_pool_reuses_the_smallest_buffer_that_fits() -> None:
+    import numpy as np
+    from kvpool.vllm.connector import _StagingPool
+
+    pool = _StagingPool(keep=2)
+    first = pool.take(100)
+    pool.give(first)
+    again = pool.take(80)  # a view of the same memory, exactly the size asked
+    assert again.nbytes == 80 and again.base is first
+    big = pool.take(120)  # nothing free fits: new memory
+    pool.give(again)
+    pool.give(big)
+    reused = pool.take(90)
+    assert reused.base is first  # the smallest that fits, not the first listed
+    pool.give(reused)
+    pool.give(np.empty(200, dtype=np.uint8))  # three free: the smallest goes (keep=2)
+    assert sorted(b.nbytes for b in pool._free) == [120, 200]

@@ -252,6 +252,45 @@ def load_config(vllm_config: VllmConfig) -> ConnectorConfig:
 # -- the connector -------------------------------------------------------------------------------
 
 
+class _StagingPool:
+    """Staging memory that is reused instead of allocated per load and per save.
+
+    A fresh allocation of tens of MiB is faulted in page by page by the first copy into it (twice
+    the copy's time), and with transparent huge pages on ``madvise`` (numpy asks for them) a fault
+    may stall in direct compaction for tens of ms: both on the forward's critical path. Buffers come
+    back after the scatter (loads) or the put (saves); at most ``keep`` of them are kept.
+
+    A buffer comes back only after a call that every node answered: Cluster gives up on a late
+    node at its deadline while that node's thread still reads or writes the buffer, so after a
+    miss or a failure the buffer is dropped (the late thread holds the last reference).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._free: list[np.ndarray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A buffer of exactly ``nbytes`` (a view of a pooled one when one is large enough)."""
+        with self._lock:
+            # By index, never list.remove: == on arrays compares elements.
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
+                return buf[:nbytes]
+        buf = np.empty(nbytes, dtype=np.uint8)
+        buf.fill(0)  # faulted in here, once
+        return buf
+
+    def give(self, buf: np.ndarray) -> None:
+        whole = buf if buf.base is None else buf.base
+        assert isinstance(whole, np.ndarray)
+        with self._lock:
+            self._free.append(whole)
+            if len(self._free) > self._keep:
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].nbytes))
+
+
 @dataclass
 class _ReqState:
     """Scheduler-side state of one request."""
@@ -308,6 +347,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 queue.Queue()
             )
             self._pending_bytes = 0
+            self._staging = _StagingPool()
             self._saver = threading.Thread(target=self._save_loop, name="kvpool-save", daemon=True)
             self._saver.start()
         log.info(
@@ -552,7 +592,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         keys = self._keys(op, ns)
         size = engine.object_bytes
-        staging = np.empty(len(keys) * size, dtype=np.uint8)
+        staging = self._staging.take(len(keys) * size)
         views = [staging[i * size : (i + 1) * size] for i in range(len(keys))]
         try:
             found = self.cluster.get_into(keys, views)
@@ -562,6 +602,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         ok = [i for i, f in enumerate(found) if f]
         if len(ok) == len(keys):
             engine.scatter(op.block_ids, staging)
+            self._staging.give(staging)
         elif ok:
             engine.scatter([op.block_ids[i] for i in ok], np.concatenate([views[i] for i in ok]))
         missed = [i for i, f in enumerate(found) if not f]
@@ -605,7 +646,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             if self._pending_bytes + nbytes > self.config.max_pending_save:
                 self._count(save_errors=n)  # the writer is behind: drop, never stall the engine
                 continue
-            staging = np.empty(nbytes, dtype=np.uint8)
+            staging = self._staging.take(nbytes)
             engine.gather(op.block_ids, staging)
             with self._stats_lock:
                 self._pending_bytes += nbytes
@@ -624,6 +665,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                 stored = 0
             with self._stats_lock:
                 self._pending_bytes -= staging.nbytes
+            if stored == len(keys) and not self.config.replicas:  # no node may still read it
+                self._staging.give(staging)
             self._count(
                 saved_blocks=stored,
                 saved_bytes=stored * size,
