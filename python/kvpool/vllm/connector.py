@@ -278,9 +278,7 @@ class _StagingPool:
             if fits:
                 buf = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
                 return buf[:nbytes]
-        buf = np.empty(nbytes, dtype=np.uint8)
-        buf.fill(0)  # faulted in here, once
-        return buf
+        return np.empty(nbytes, dtype=np.uint8)  # its first copy faults it in, once
 
     def give(self, buf: np.ndarray) -> None:
         whole = buf if buf.base is None else buf.base
