@@ -24,11 +24,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "LatencyStats",
@@ -38,6 +38,7 @@ __all__ = [
     "format_size",
     "free_port",
     "install_interrupt_handlers",
+    "run_main",
     "log",
     "median",
     "percentile",
@@ -48,6 +49,15 @@ __all__ = [
 def log(message: str) -> None:
     """A progress line on stderr (stdout is left for tables)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exits with ``main()``'s code; a Ctrl-C exits 130 once ProcessSet has stopped everything."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; every process this run started has been stopped")
+        sys.exit(130)
 
 
 def install_interrupt_handlers() -> None:

@@ -68,6 +68,7 @@ from _util import (
     log,
     median,
     percentile,
+    run_main,
     run_meta,
 )
 
@@ -1443,8 +1444,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; every process this run started has been stopped")
-        sys.exit(130)
+    run_main(main)

@@ -54,6 +54,7 @@ from _util import (
     install_interrupt_handlers,
     log,
     median,
+    run_main,
     run_meta,
     wait_for_port,
 )
@@ -1030,8 +1031,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; every process this run started has been stopped")
-        sys.exit(130)
+    run_main(main)

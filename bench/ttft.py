@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _util import ProcessSet, install_interrupt_handlers, log, median, run_meta
+from _util import ProcessSet, install_interrupt_handlers, log, median, run_main, run_meta
 from cluster import loadavg, start_nodes, start_redis
 from kvpool.cluster import Cluster
 from kvpool.keys import Namespace, block_keys
@@ -764,8 +764,4 @@ def _sum_totals(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; every process this run started has been stopped")
-        sys.exit(130)
+    run_main(main)
