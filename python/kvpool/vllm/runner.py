@@ -144,15 +144,15 @@ def _flush_and_count(worker: Any) -> dict[str, Any]:
 
 def _connector_report(llm: Any) -> dict[str, Any]:
     """Both sides' counters; the workers' summed over TP ranks (``ranks`` has each one)."""
+    from kvpool.vllm.connector import KVPoolConnectorStats
+
     ranks = llm.collective_rpc(_flush_and_count)
-    worker: dict[str, Any] = {}
-    for r in ranks:
-        for k, v in r.items():
-            if k != "flushed" and isinstance(v, int | float):
-                worker[k] = worker.get(k, 0) + v
+    summed = KVPoolConnectorStats()
+    for r in ranks:  # counters add up over ranks; rates (GBps) are derived again from the sums
+        summed.add(**{k: v for k, v in r.items() if k != "flushed" and not k.endswith("GBps")})
     out: dict[str, Any] = {
         "flushed": all(r["flushed"] for r in ranks),
-        "worker": worker,
+        "worker": summed.reduce(),
         "ranks": ranks,
     }
     scheduler = _scheduler_connector(llm)
