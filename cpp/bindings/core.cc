@@ -1,5 +1,4 @@
 // pybind11 glue for kvpool._core: conversions, GIL release and error mapping only.
-#include <pybind11/functional.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -44,51 +43,16 @@ std::vector<Key128> ToKeys(const py::sequence& keys) {
     py::handle k = keys[i];
     char* data;
     Py_ssize_t len;
-    if (!PyBytes_Check(k.ptr()) || PyBytes_AsStringAndSize(k.ptr(), &data, &len) != 0 || len != 16) {
-      throw StatusError{Invalid("key " + std::to_string(i) + " must be 16 bytes (a kvpool block key), got " +
+    if (!PyBytes_Check(k.ptr()) || PyBytes_AsStringAndSize(k.ptr(), &data, &len) != 0 ||
+        len != 16) {
+      throw StatusError{Invalid("key " + std::to_string(i) +
+                                " must be 16 bytes (a kvpool block key), got " +
                                 std::string(py::str(py::repr(k))).substr(0, 80))};
     }
     std::memcpy(out[i].bytes.data(), data, 16);
   }
   return out;
 }
-
-/// Py_buffer views held for the duration of a call, so the GIL can be released while the core
-/// reads or writes the memory.
-class BufferViews {
- public:
-  BufferViews(const py::sequence& objs, bool writable) {
-    views_.reserve(objs.size());
-    for (size_t i = 0; i < objs.size(); ++i) {
-      Py_buffer view;
-      const int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-      if (PyObject_GetBuffer(py::handle(objs[i]).ptr(), &view, flags) != 0) {
-        PyErr_Clear();
-        throw StatusError{Invalid("block " + std::to_string(i) + " (" +
-                                  std::string(py::str(py::type::of(objs[i]).attr("__name__"))) +
-                                  ") is not a C-contiguous" + (writable ? " writable" : "") +
-                                  " buffer")};
-      }
-      views_.push_back(view);
-    }
-  }
-  ~BufferViews() {
-    for (auto& v : views_) PyBuffer_Release(&v);
-  }
-  std::vector<ConstBuffer> Const() const {
-    std::vector<ConstBuffer> out;
-    for (const auto& v : views_) out.push_back({static_cast<const uint8_t*>(v.buf), static_cast<size_t>(v.len)});
-    return out;
-  }
-  std::vector<MutableBuffer> Mutable() const {
-    std::vector<MutableBuffer> out;
-    for (const auto& v : views_) out.push_back({static_cast<uint8_t*>(v.buf), static_cast<size_t>(v.len)});
-    return out;
-  }
-
- private:
-  std::vector<Py_buffer> views_;
-};
 
 /// An int's value; token lists are mostly small ints, read without the generic conversion.
 inline long long SmallLongValue(PyObject* o) {
@@ -109,8 +73,8 @@ inline long long SmallLongValue(PyObject* o) {
 }
 
 [[noreturn]] void BadId(const char* what, size_t i, long long v) {
-  throw StatusError{Invalid(std::string(what) + " " + std::to_string(i) + " = " + std::to_string(v) +
-                            " is outside [0, 2**32)")};
+  throw StatusError{Invalid(std::string(what) + " " + std::to_string(i) + " = " +
+                            std::to_string(v) + " is outside [0, 2**32)")};
 }
 
 /// Converts integers of type T to uint32 ids, rejecting values outside [0, 2**32).
@@ -124,7 +88,8 @@ void NarrowIds(const char* what, const T* in, size_t n, std::vector<uint32_t>* o
   }
   if (ok) return;
   for (size_t i = 0; i < n; ++i) {
-    if (in[i] < 0 || static_cast<uint64_t>(in[i]) > 0xffffffffULL) BadId(what, i, static_cast<long long>(in[i]));
+    if (in[i] < 0 || static_cast<uint64_t>(in[i]) > 0xffffffffULL)
+      BadId(what, i, static_cast<long long>(in[i]));
   }
 }
 
@@ -134,20 +99,26 @@ std::vector<uint32_t> ToIds(const py::object& ids, const char* what) {
   std::vector<uint32_t> out;
   if (PyObject_CheckBuffer(ids.ptr())) {
     py::buffer_info info = py::reinterpret_borrow<py::buffer>(ids).request();
-    const bool contiguous = info.ndim == 1 && (info.strides.empty() || info.strides[0] == info.itemsize);
+    const bool contiguous =
+        info.ndim == 1 && (info.strides.empty() || info.strides[0] == info.itemsize);
     const char f = info.format.empty() ? '?' : info.format.back();
     const bool integral = std::strchr("iIlLqQ", f) != nullptr;
     if (contiguous && integral && (info.itemsize == 4 || info.itemsize == 8)) {
       const bool is_signed = std::islower(static_cast<unsigned char>(f));
       const auto n = static_cast<size_t>(info.size);
-      if (info.itemsize == 4 && is_signed) NarrowIds(what, static_cast<const int32_t*>(info.ptr), n, &out);
-      if (info.itemsize == 4 && !is_signed) NarrowIds(what, static_cast<const uint32_t*>(info.ptr), n, &out);
-      if (info.itemsize == 8 && is_signed) NarrowIds(what, static_cast<const int64_t*>(info.ptr), n, &out);
-      if (info.itemsize == 8 && !is_signed) NarrowIds(what, static_cast<const uint64_t*>(info.ptr), n, &out);
+      if (info.itemsize == 4 && is_signed)
+        NarrowIds(what, static_cast<const int32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 4 && !is_signed)
+        NarrowIds(what, static_cast<const uint32_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && is_signed)
+        NarrowIds(what, static_cast<const int64_t*>(info.ptr), n, &out);
+      if (info.itemsize == 8 && !is_signed)
+        NarrowIds(what, static_cast<const uint64_t*>(info.ptr), n, &out);
       return out;
     }
   }
-  const std::string not_ints = std::string(what) + " ids must be a sequence of ints or an integer array";
+  const std::string not_ints =
+      std::string(what) + " ids must be a sequence of ints or an integer array";
   PyObject* fast = PySequence_Fast(ids.ptr(), not_ints.c_str());
   if (fast == nullptr) throw py::error_already_set();
   py::object guard = py::reinterpret_steal<py::object>(fast);
@@ -169,27 +140,59 @@ std::vector<uint32_t> ToIds(const py::object& ids, const char* what) {
 /// One C-contiguous buffer, held for the duration of a call (the GIL may be released).
 class OneBuffer {
  public:
-  OneBuffer(const py::handle& obj, bool writable, const char* what) {
+  OneBuffer(const py::handle& obj, bool writable, const std::string& what) {
     const int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
       PyErr_Clear();
-      throw StatusError{Invalid(std::string(what) + " (" + std::string(py::str(py::type::of(obj).attr("__name__"))) +
-                                ") is not a C-contiguous" + (writable ? " writable" : "") + " buffer")};
+      throw StatusError{
+          Invalid(what + " (" + std::string(py::str(py::type::of(obj).attr("__name__"))) +
+                  ") is not a C-contiguous" + (writable ? " writable" : "") + " buffer")};
     }
   }
-  ~OneBuffer() { PyBuffer_Release(&view_); }
+  ~OneBuffer() { PyBuffer_Release(&view_); }  // a no-op once moved from (obj is null)
+  OneBuffer(OneBuffer&& other) noexcept : view_(other.view_) { other.view_.obj = nullptr; }
   OneBuffer(const OneBuffer&) = delete;
   OneBuffer& operator=(const OneBuffer&) = delete;
-  std::span<uint8_t> span() const { return {static_cast<uint8_t*>(view_.buf), static_cast<size_t>(view_.len)}; }
+  OneBuffer& operator=(OneBuffer&&) = delete;
+  std::span<uint8_t> span() const {
+    return {static_cast<uint8_t*>(view_.buf), static_cast<size_t>(view_.len)};
+  }
 
  private:
   Py_buffer view_;
 };
 
+/// The buffers of a batch ("block i" in errors), held for the duration of a call.
+class BufferViews {
+ public:
+  BufferViews(const py::sequence& objs, bool writable) {
+    views_.reserve(objs.size());
+    for (size_t i = 0; i < objs.size(); ++i) {
+      views_.emplace_back(objs[i], writable, "block " + std::to_string(i));
+    }
+  }
+  std::vector<ConstBuffer> Const() const {
+    std::vector<ConstBuffer> out;
+    out.reserve(views_.size());
+    for (const auto& v : views_) out.push_back({v.span().data(), v.span().size()});
+    return out;
+  }
+  std::vector<MutableBuffer> Mutable() const {
+    std::vector<MutableBuffer> out;
+    out.reserve(views_.size());
+    for (const auto& v : views_) out.push_back({v.span().data(), v.span().size()});
+    return out;
+  }
+
+ private:
+  std::vector<OneBuffer> views_;
+};
+
 py::list KeysToList(const std::vector<Key128>& keys) {
   py::list out(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
-    PyObject* b = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(keys[i].bytes.data()), 16);
+    PyObject* b =
+        PyBytes_FromStringAndSize(reinterpret_cast<const char*>(keys[i].bytes.data()), 16);
     if (b == nullptr) throw py::error_already_set();
     PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), b);  // steals the reference
   }
@@ -211,8 +214,9 @@ PYBIND11_MODULE(_core, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const StatusError& e) {
-      py::object exc = py::module_::import("kvpool.errors")
-                           .attr("error_from_code")(static_cast<int>(e.status.code()), e.status.message());
+      py::object exc =
+          py::module_::import("kvpool.errors")
+              .attr("error_from_code")(static_cast<int>(e.status.code()), e.status.message());
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
     }
   });
@@ -239,12 +243,6 @@ PYBIND11_MODULE(_core, m) {
         return py::bytes(reinterpret_cast<const char*>(k.bytes.data()), 16);
       });
 
-  m.def("hash128", [](py::bytes data) {
-    std::string_view v = data;
-    const Key128 k = Hash128(v.data(), v.size());
-    return py::bytes(reinterpret_cast<const char*>(k.bytes.data()), 16);
-  });
-
   m.def(
       "chain_block_keys",
       [](const py::bytes& fingerprint, const py::object& tokens, uint32_t block_tokens) {
@@ -261,50 +259,50 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("fingerprint"), py::arg("tokens"), py::arg("block_tokens"));
 
-  m.def(
-      "rank_nodes",
-      [](const py::sequence& keys, const std::vector<std::string>& node_ids, const std::vector<double>& weights,
-         size_t k) {
-        if (node_ids.size() != weights.size()) throw StatusError{Invalid("node_ids and weights differ in length")};
-        const auto ks = ToKeys(keys);
-        std::vector<PlacementNode> nodes;
-        for (size_t i = 0; i < node_ids.size(); ++i) {
-          const auto* p = reinterpret_cast<const uint8_t*>(node_ids[i].data());
-          nodes.push_back({PlacementSeed({p, node_ids[i].size()}), weights[i]});
-        }
-        std::vector<std::vector<uint32_t>> out;
-        out.reserve(ks.size());
-        for (const Key128& key : ks) out.push_back(RankNodes(key, nodes, k));
-        return out;
-      },
-      py::arg("keys"), py::arg("node_ids"), py::arg("weights"), py::arg("k"));
+  py::class_<Placement>(m, "Placement")
+      .def(py::init(
+               [](const std::vector<std::string>& node_ids, const std::vector<double>& weights) {
+                 return Unwrap(Placement::Create(node_ids, weights));
+               }),
+           py::arg("node_ids"), py::arg("weights"))
+      .def(
+          "rank",
+          [](const Placement& p, const py::sequence& keys, size_t k) {
+            return p.Rank(ToKeys(keys), k);
+          },
+          py::arg("keys"), py::arg("k"))
+      .def("__len__", &Placement::size);
 
   py::class_<RedisIndexReader>(m, "RedisIndexReader")
-      .def(py::init([](const std::string& host, uint16_t port, const std::string& username, const std::string& password,
-                       int db, const std::string& meta_key, const std::vector<std::string>& partition_keys,
-                       uint32_t timeout_ms) {
-             return std::make_unique<RedisIndexReader>(RedisEndpoint{host, port, username, password, db}, meta_key,
-                                                       partition_keys, timeout_ms);
+      .def(py::init([](const std::string& host, uint16_t port, const std::string& username,
+                       const std::string& password, int db, const std::string& meta_key,
+                       const std::vector<std::string>& partition_keys, uint32_t timeout_ms) {
+             return std::make_unique<RedisIndexReader>(
+                 RedisEndpoint{host, port, username, password, db}, meta_key, partition_keys,
+                 timeout_ms);
            }),
-           py::arg("host"), py::arg("port"), py::arg("username"), py::arg("password"), py::arg("db"),
-           py::arg("meta_key"), py::arg("partition_keys"), py::arg("timeout_ms"))
-      .def("lookup", [](RedisIndexReader& reader, const py::sequence& keys) {
-        const auto k = ToKeys(keys);
-        int64_t epoch = 0;
-        std::vector<std::string> holders;
-        {
-          py::gil_scoped_release release;
-          Check(reader.Lookup(k, &epoch, &holders));
-        }
-        py::list out(holders.size());
-        for (size_t i = 0; i < holders.size(); ++i) {
-          PyObject* s = PyUnicode_DecodeUTF8(holders[i].data(), static_cast<Py_ssize_t>(holders[i].size()), "strict");
-          if (s == nullptr) throw py::error_already_set();
-          PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), s);
-        }
-        return py::make_tuple(epoch, out);
-      })
-      .def("locate", [](RedisIndexReader& reader, const py::sequence& keys, const std::vector<std::string>& live) {
+           py::arg("host"), py::arg("port"), py::arg("username"), py::arg("password"),
+           py::arg("db"), py::arg("meta_key"), py::arg("partition_keys"), py::arg("timeout_ms"))
+      .def("lookup",
+           [](RedisIndexReader& reader, const py::sequence& keys) {
+             const auto k = ToKeys(keys);
+             int64_t epoch = 0;
+             std::vector<std::string> holders;
+             {
+               py::gil_scoped_release release;
+               Check(reader.Lookup(k, &epoch, &holders));
+             }
+             py::list out(holders.size());
+             for (size_t i = 0; i < holders.size(); ++i) {
+               PyObject* s = PyUnicode_DecodeUTF8(
+                   holders[i].data(), static_cast<Py_ssize_t>(holders[i].size()), "strict");
+               if (s == nullptr) throw py::error_already_set();
+               PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), s);
+             }
+             return py::make_tuple(epoch, out);
+           })
+      .def("locate", [](RedisIndexReader& reader, const py::sequence& keys,
+                        const std::vector<std::string>& live) {
         const auto k = ToKeys(keys);
         int64_t epoch = 0;
         std::vector<int32_t> holder;
@@ -326,7 +324,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_blocks", &KVRegion::num_blocks)
       .def("__repr__", [](const KVRegion& g) {
         return "KVRegion(base=" + std::to_string(g.base) + ", stride=" + std::to_string(g.stride) +
-               ", bytes=" + std::to_string(g.bytes) + ", num_blocks=" + std::to_string(g.num_blocks) + ")";
+               ", bytes=" + std::to_string(g.bytes) +
+               ", num_blocks=" + std::to_string(g.num_blocks) + ")";
       });
 
   py::class_<CopyEngine>(m, "CopyEngine")
@@ -367,18 +366,16 @@ PYBIND11_MODULE(_core, m) {
           "high_watermark", [](const ServerOptions& o) { return o.store.high_watermark; },
           [](ServerOptions& o, double v) { o.store.high_watermark = v; })
       .def_property(
-          "eviction", [](const ServerOptions& o) { return std::string(EvictionKindName(o.store.eviction)); },
-          [](ServerOptions& o, const std::string& v) { o.store.eviction = Unwrap(ParseEvictionKind(v)); })
+          "eviction",
+          [](const ServerOptions& o) { return std::string(EvictionKindName(o.store.eviction)); },
+          [](ServerOptions& o, const std::string& v) {
+            o.store.eviction = Unwrap(ParseEvictionKind(v));
+          })
       .def_property(
           "hugepages",
-          [](const ServerOptions& o) {
-            return o.store.hugepages == HugePages::kOn ? "on" : o.store.hugepages == HugePages::kOff ? "off" : "auto";
-          },
+          [](const ServerOptions& o) { return std::string(HugePagesName(o.store.hugepages)); },
           [](ServerOptions& o, const std::string& v) {
-            if (v == "on") o.store.hugepages = HugePages::kOn;
-            else if (v == "off") o.store.hugepages = HugePages::kOff;
-            else if (v == "auto") o.store.hugepages = HugePages::kAuto;
-            else throw StatusError{Invalid("hugepages must be 'auto', 'on' or 'off', got '" + v + "'")};
+            o.store.hugepages = Unwrap(ParseHugePages(v));
           })
       .def_property(
           "event_capacity", [](const ServerOptions& o) { return o.store.event_capacity; },
@@ -414,15 +411,16 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release release;
               server.store().DrainEvents(max, &events, &dropped);
             }
-            // (records, events dropped by overflow); a record is the 16-byte key then 1 byte:
-            // 1 committed, 0 removed. Oldest first.
-            std::string records;
-            records.reserve(events.size() * 17);
+            // Two parallel buffers, oldest first: the keys (16 bytes each) and one flag byte per
+            // key (BlockEvent::added); then the number of events dropped by overflow.
+            std::string keys, added;
+            keys.reserve(events.size() * sizeof(Key128));
+            added.reserve(events.size());
             for (const BlockEvent& e : events) {
-              records.append(reinterpret_cast<const char*>(e.key.bytes.data()), 16);
-              records.push_back(e.added ? 1 : 0);
+              keys.append(reinterpret_cast<const char*>(e.key.bytes.data()), sizeof(Key128));
+              added.push_back(e.added ? 1 : 0);
             }
-            return py::make_tuple(py::bytes(records), dropped);
+            return py::make_tuple(py::bytes(keys), py::bytes(added), dropped);
           },
           py::arg("max"))
       .def("snapshot_keys", [](Server& server) {
@@ -435,8 +433,8 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<Client>(m, "Client")
-      .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms, uint32_t connect_timeout_ms,
-                       uint32_t max_idle_connections) {
+      .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms,
+                       uint32_t connect_timeout_ms, uint32_t max_idle_connections) {
              ClientOptions o{host, port, timeout_ms, connect_timeout_ms, max_idle_connections};
              py::gil_scoped_release release;
              return Unwrap(Client::Connect(o));
@@ -444,7 +442,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("host"), py::arg("port"), py::arg("timeout_ms"), py::arg("connect_timeout_ms"),
            py::arg("max_idle_connections"))
       .def_property_readonly("address", &Client::address)
-      .def_property_readonly("max_block_bytes", [](Client& c) { return c.limits().max_block_bytes; })
+      .def_property_readonly("max_block_bytes",
+                             [](Client& c) { return c.limits().max_block_bytes; })
       .def("put",
            [](Client& c, const py::sequence& keys, const py::sequence& blocks) {
              const auto k = ToKeys(keys);
@@ -480,7 +479,8 @@ PYBIND11_MODULE(_core, m) {
                    k,
                    [&](size_t i, size_t size) -> uint8_t* {
                      py::gil_scoped_acquire acquire;
-                     PyObject* b = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
+                     PyObject* b =
+                         PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
                      if (b == nullptr) {
                        PyErr_Clear();
                        return nullptr;

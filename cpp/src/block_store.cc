@@ -27,7 +27,8 @@ BlockStore::BlockStore(const BlockStoreOptions& options, std::unique_ptr<MemoryP
   // Every block takes at least one granule, so this many entries can never run out.
   const size_t max_entries = pool_->capacity() / MemoryPool::kGranule;
   policy_ = EvictionPolicy::Create(options.eviction, max_entries);
-  high_watermark_bytes_ = static_cast<size_t>(options.high_watermark * static_cast<double>(pool_->capacity()));
+  high_watermark_bytes_ =
+      static_cast<size_t>(options.high_watermark * static_cast<double>(pool_->capacity()));
   entries_.resize(max_entries);
   free_entries_.reserve(max_entries);
   for (size_t i = max_entries; i > 0; --i) free_entries_.push_back(static_cast<uint32_t>(i - 1));
@@ -63,7 +64,8 @@ void BlockStore::EraseLocked(const Key128& key) {
   for (size_t j = (i + 1) & slot_mask_; slots_[j] != kEmptySlot; j = (j + 1) & slot_mask_) {
     const size_t home = entries_[slots_[j]].key.Low64() & slot_mask_;
     // Move slots_[j] into the hole unless its home lies cyclically in (hole, j].
-    const bool home_after_hole = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
+    const bool home_after_hole =
+        hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
     if (!home_after_hole) {
       slots_[hole] = slots_[j];
       hole = j;
@@ -113,7 +115,8 @@ bool BlockStore::EvictOneLocked() {
 }
 
 int64_t BlockStore::AllocateLocked(size_t size) {
-  const size_t rounded = (size + MemoryPool::kGranule - 1) / MemoryPool::kGranule * MemoryPool::kGranule;
+  const size_t rounded =
+      (size + MemoryPool::kGranule - 1) / MemoryPool::kGranule * MemoryPool::kGranule;
   while (true) {
     if (pool_->used_bytes() + rounded <= high_watermark_bytes_) {
       const int64_t offset = pool_->Allocate(size);
@@ -135,7 +138,8 @@ void BlockStore::Reserve(std::span<const Key128> keys, std::span<const uint64_t>
     }
     // Compare what the block would occupy (whole granules), or a block just under the watermark
     // could evict everything and still not fit.
-    const uint64_t granules = sizes[i] / MemoryPool::kGranule + (sizes[i] % MemoryPool::kGranule != 0);
+    const uint64_t granules =
+        sizes[i] / MemoryPool::kGranule + (sizes[i] % MemoryPool::kGranule != 0);
     if (granules > high_watermark_bytes_ / MemoryPool::kGranule) {
       results[i] = PutResult::kTooLarge;
       ++stats_.rejected;
@@ -187,7 +191,8 @@ void BlockStore::Abort(std::span<const Reservation> reservations) {
   }
 }
 
-void BlockStore::Pin(std::span<const Key128> keys, std::span<PinnedBlock> out, std::span<bool> found) {
+void BlockStore::Pin(std::span<const Key128> keys, std::span<PinnedBlock> out,
+                     std::span<bool> found) {
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < keys.size(); ++i) {
     const int64_t e = FindLocked(keys[i]);

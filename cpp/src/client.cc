@@ -64,7 +64,8 @@ class ClientConnection {
     return h.request_id;
   }
 
-  uint64_t SendFrame(Op op, uint32_t count, const void* body, size_t body_bytes, net::Deadline deadline) {
+  uint64_t SendFrame(Op op, uint32_t count, const void* body, size_t body_bytes,
+                     net::Deadline deadline) {
     std::vector<iovec> iov = {{nullptr, 0}, {const_cast<void*>(body), body_bytes}};
     return SendFrameV(op, count, iov, body_bytes, deadline);
   }
@@ -101,7 +102,7 @@ class ClientConnection {
   // The frame whose reply is being read.
   net::Deadline deadline = net::Deadline::Never();
   size_t frame_keys = 0;
-  bool fresh = false;  // connected for this call, not taken from the idle pool
+  bool fresh = false;       // connected for this call, not taken from the idle pool
   protocol::Limits limits;  // as announced by this connection's HELLO
 
  private:
@@ -178,8 +179,8 @@ Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
       return c;
     }
   }
-  const auto deadline =
-      net::Deadline::In(std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
+  const auto deadline = net::Deadline::In(
+      std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
@@ -249,12 +250,11 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
     for (size_t i = 0; i < blocks.size(); ++i) {
       if (blocks[i].size > c.limits.max_block_bytes ||
           blocks[i].size + protocol::kPutEntryBytes > c.limits.max_frame_bytes) {
-        return Status(ErrorCode::kTooLarge, "block " + std::to_string(i) + " of " +
-                                                std::to_string(blocks[i].size) +
-                                                " bytes exceeds the node's max_block_bytes " +
-                                                std::to_string(c.limits.max_block_bytes) +
-                                                " or max_frame_bytes " +
-                                                std::to_string(c.limits.max_frame_bytes));
+        return Status(ErrorCode::kTooLarge,
+                      "block " + std::to_string(i) + " of " + std::to_string(blocks[i].size) +
+                          " bytes exceeds the node's max_block_bytes " +
+                          std::to_string(c.limits.max_block_bytes) + " or max_frame_bytes " +
+                          std::to_string(c.limits.max_frame_bytes));
       }
     }
     const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
@@ -277,7 +277,8 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
         c.iov.push_back({const_cast<uint8_t*>(blocks[i].data), blocks[i].size});
         body += blocks[i].size;
       }
-      const uint64_t id = c.SendFrameV(Op::kPut, static_cast<uint32_t>(r.end - r.begin), c.iov, body, deadline);
+      const uint64_t id =
+          c.SendFrameV(Op::kPut, static_cast<uint32_t>(r.end - r.begin), c.iov, body, deadline);
       if (!c.send_status().ok()) return c.send_status();
       return id;
     };
@@ -285,7 +286,8 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
       const Range r = frames[f];
       Header h;
       KVPOOL_RETURN_IF_ERROR(c.ReadReplyHeader(Op::kPut, id, deadline, &h));
-      if (h.count != r.end - r.begin || h.body_bytes != h.count) return c.BadReply("PUT reply size");
+      if (h.count != r.end - r.begin || h.body_bytes != h.count)
+        return c.BadReply("PUT reply size");
       return net::RecvAll(c.fd(), statuses.data() + r.begin, h.count, deadline);
     };
     return Pipeline(frames.size(), kPutWindow, send, recv);
@@ -304,7 +306,8 @@ Status Client::Get(std::span<const Key128> keys,
     for (size_t i = 0; i < n; ++i) {
       if (c.lengths[i] != protocol::kMissing) payload += c.lengths[i];
     }
-    if (h.body_bytes - n * 8 != payload) return c.BadReply("GET reply body does not match its lengths");
+    if (h.body_bytes - n * 8 != payload)
+      return c.BadReply("GET reply body does not match its lengths");
     // Consecutive destinations are filled by one readv; dropped blocks go through scratch.
     c.iov.clear();
     for (size_t i = 0; i < n; ++i) {
@@ -320,7 +323,8 @@ Status Client::Get(std::span<const Key128> keys,
       KVPOOL_RETURN_IF_ERROR(net::RecvAllV(c.fd(), c.iov.data(), c.iov.size(), c.deadline));
       c.iov.clear();
       auto& scratch = c.scratch();
-      KVPOOL_RETURN_IF_ERROR(net::Discard(c.fd(), c.lengths[i], scratch.data(), scratch.size(), c.deadline));
+      KVPOOL_RETURN_IF_ERROR(
+          net::Discard(c.fd(), c.lengths[i], scratch.data(), scratch.size(), c.deadline));
     }
     return net::RecvAllV(c.fd(), c.iov.data(), c.iov.size(), c.deadline);
   });
@@ -353,8 +357,9 @@ Status Client::KeyRequest(Op op, std::span<const Key128> keys,
                               [](size_t) { return protocol::kKeyBytes; });
     auto send = [&](size_t f) -> Result<uint64_t> {
       const Range r = frames[f];
-      const uint64_t id = c.SendFrame(op, static_cast<uint32_t>(r.end - r.begin), keys.data() + r.begin,
-                                      (r.end - r.begin) * protocol::kKeyBytes, deadline);
+      const uint64_t id =
+          c.SendFrame(op, static_cast<uint32_t>(r.end - r.begin), keys.data() + r.begin,
+                      (r.end - r.begin) * protocol::kKeyBytes, deadline);
       if (!c.send_status().ok()) return c.send_status();
       return id;
     };
@@ -387,12 +392,13 @@ Status Client::Delete(std::span<const Key128> keys, std::span<uint8_t> deleted) 
 Result<size_t> Client::MatchPrefix(std::span<const Key128> keys) {
   size_t matched = 0;
   bool broken = false;  // a frame matched only partly: later frames cannot extend the prefix
-  Status s = KeyRequest(Op::kMatchPrefix, keys, [&](Connection& c, size_t, const Header& h) -> Status {
-    if (h.body_bytes != 0 || h.count > c.frame_keys) return c.BadReply("MATCH_PREFIX reply");
-    if (!broken) matched += h.count;
-    broken = broken || h.count < c.frame_keys;
-    return Status::Ok();
-  });
+  Status s =
+      KeyRequest(Op::kMatchPrefix, keys, [&](Connection& c, size_t, const Header& h) -> Status {
+        if (h.body_bytes != 0 || h.count > c.frame_keys) return c.BadReply("MATCH_PREFIX reply");
+        if (!broken) matched += h.count;
+        broken = broken || h.count < c.frame_keys;
+        return Status::Ok();
+      });
   if (!s.ok()) return s;
   return matched;
 }

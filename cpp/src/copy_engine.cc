@@ -8,7 +8,9 @@ namespace kvpool {
 
 namespace {
 
-Status Invalid(std::string message) { return Status(ErrorCode::kInvalidArgument, std::move(message)); }
+Status Invalid(std::string message) {
+  return Status(ErrorCode::kInvalidArgument, std::move(message));
+}
 
 }  // namespace
 
@@ -36,26 +38,28 @@ CopyEngine::CopyEngine(std::vector<KVRegion> regions) : regions_(std::move(regio
   }
 }
 
-Status CopyEngine::CheckCall(const char* op, std::span<const uint32_t> block_ids, size_t staging_bytes,
-                             bool distinct) const {
+Status CopyEngine::CheckCall(const char* op, std::span<const uint32_t> block_ids,
+                             size_t staging_bytes, bool distinct) const {
   for (size_t i = 0; i < block_ids.size(); ++i) {
     if (block_ids[i] >= num_blocks_) {
-      return Invalid(std::string(op) + ": block id " + std::to_string(block_ids[i]) + " (position " +
-                     std::to_string(i) + ") is outside the cache's [0, " + std::to_string(num_blocks_) + ")");
+      return Invalid(std::string(op) + ": block id " + std::to_string(block_ids[i]) +
+                     " (position " + std::to_string(i) + ") is outside the cache's [0, " +
+                     std::to_string(num_blocks_) + ")");
     }
   }
   const uint64_t need = block_ids.size() * object_bytes_;
   if (staging_bytes < need) {
-    return Invalid(std::string(op) + ": staging holds " + std::to_string(staging_bytes) + " bytes, " +
-                   std::to_string(block_ids.size()) + " blocks of " + std::to_string(object_bytes_) +
-                   " bytes need " + std::to_string(need));
+    return Invalid(std::string(op) + ": staging holds " + std::to_string(staging_bytes) +
+                   " bytes, " + std::to_string(block_ids.size()) + " blocks of " +
+                   std::to_string(object_bytes_) + " bytes need " + std::to_string(need));
   }
   if (distinct && block_ids.size() > 1) {
     std::vector<uint32_t> sorted(block_ids.begin(), block_ids.end());
     std::sort(sorted.begin(), sorted.end());
     const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
     if (dup != sorted.end()) {
-      return Invalid(std::string(op) + ": block id " + std::to_string(*dup) + " appears more than once");
+      return Invalid(std::string(op) + ": block id " + std::to_string(*dup) +
+                     " appears more than once");
     }
   }
   return Status::Ok();
@@ -66,7 +70,9 @@ namespace {
 class CpuCopyEngine final : public CopyEngine {
  public:
   CpuCopyEngine(std::vector<KVRegion> regions, unsigned threads, uint64_t parallel_bytes)
-      : CopyEngine(std::move(regions)), threads_(std::max(1u, threads)), parallel_bytes_(parallel_bytes) {}
+      : CopyEngine(std::move(regions)),
+        threads_(std::max(1u, threads)),
+        parallel_bytes_(parallel_bytes) {}
 
   const char* device() const override { return "cpu"; }
 
@@ -76,7 +82,8 @@ class CpuCopyEngine final : public CopyEngine {
       for (size_t i = begin; i < end; ++i) {
         uint8_t* out = staging.data() + i * object_bytes_;
         for (const KVRegion& g : regions_) {
-          std::memcpy(out, reinterpret_cast<const uint8_t*>(g.base + block_ids[i] * g.stride), g.bytes);
+          std::memcpy(out, reinterpret_cast<const uint8_t*>(g.base + block_ids[i] * g.stride),
+                      g.bytes);
           out += g.bytes;
         }
       }
@@ -122,10 +129,11 @@ class CpuCopyEngine final : public CopyEngine {
 
 }  // namespace
 
-Result<std::unique_ptr<CopyEngine>> MakeCpuCopyEngine(std::vector<KVRegion> regions, unsigned threads,
-                                                      uint64_t parallel_bytes) {
+Result<std::unique_ptr<CopyEngine>> MakeCpuCopyEngine(std::vector<KVRegion> regions,
+                                                      unsigned threads, uint64_t parallel_bytes) {
   if (Status s = ValidateRegions(regions); !s.ok()) return s;
-  return std::unique_ptr<CopyEngine>(new CpuCopyEngine(std::move(regions), threads, parallel_bytes));
+  return std::unique_ptr<CopyEngine>(
+      new CpuCopyEngine(std::move(regions), threads, parallel_bytes));
 }
 
 }  // namespace kvpool

@@ -12,16 +12,24 @@ constexpr uint32_t kNil = std::numeric_limits<uint32_t>::max();
 class Queues {
  public:
   Queues(size_t max_entries, int queues)
-      : next_(max_entries, kNil), prev_(max_entries, kNil), where_(max_entries, -1),
-        bytes_of_(max_entries, 0), head_(queues, kNil), tail_(queues, kNil),
-        bytes_(queues, 0), count_(queues, 0) {}
+      : next_(max_entries, kNil),
+        prev_(max_entries, kNil),
+        where_(max_entries, -1),
+        bytes_of_(max_entries, 0),
+        head_(queues, kNil),
+        tail_(queues, kNil),
+        bytes_(queues, 0),
+        count_(queues, 0) {}
 
   void PushBack(int q, uint32_t e, size_t bytes) {
     where_[e] = static_cast<int8_t>(q);
     bytes_of_[e] = bytes;
     prev_[e] = tail_[q];
     next_[e] = kNil;
-    if (tail_[q] != kNil) next_[tail_[q]] = e; else head_[q] = e;
+    if (tail_[q] != kNil)
+      next_[tail_[q]] = e;
+    else
+      head_[q] = e;
     tail_[q] = e;
     bytes_[q] += bytes;
     ++count_[q];
@@ -29,8 +37,14 @@ class Queues {
   void Remove(uint32_t e) {
     const int q = where_[e];
     if (q < 0) return;
-    if (prev_[e] != kNil) next_[prev_[e]] = next_[e]; else head_[q] = next_[e];
-    if (next_[e] != kNil) prev_[next_[e]] = prev_[e]; else tail_[q] = prev_[e];
+    if (prev_[e] != kNil)
+      next_[prev_[e]] = next_[e];
+    else
+      head_[q] = next_[e];
+    if (next_[e] != kNil)
+      prev_[next_[e]] = prev_[e];
+    else
+      tail_[q] = prev_[e];
     bytes_[q] -= bytes_of_[e];
     --count_[q];
     where_[e] = -1;
@@ -81,7 +95,9 @@ class LruPolicy final : public EvictionPolicy {
 class S3FifoPolicy final : public EvictionPolicy {
  public:
   explicit S3FifoPolicy(size_t max_entries)
-      : q_(max_entries, 2), freq_(max_entries, 0), fingerprint_(max_entries, 0),
+      : q_(max_entries, 2),
+        freq_(max_entries, 0),
+        fingerprint_(max_entries, 0),
         ghost_(GhostSlots(max_entries), 0) {}
 
   void OnInsert(uint32_t e, uint64_t fp, size_t bytes) override {
@@ -105,7 +121,8 @@ class S3FifoPolicy final : public EvictionPolicy {
     // or hot and frequency counters have been drained.
     for (size_t budget = 4 * (q_.Count(kSmall) + q_.Count(kMain)) + 1; budget > 0; --budget) {
       const size_t total = q_.Bytes(kSmall) + q_.Bytes(kMain);
-      const bool from_small = q_.Count(kSmall) > 0 && (q_.Bytes(kSmall) * 10 >= total || q_.Count(kMain) == 0);
+      const bool from_small =
+          q_.Count(kSmall) > 0 && (q_.Bytes(kSmall) * 10 >= total || q_.Count(kMain) == 0);
       if (from_small) {
         const uint32_t e = q_.Front(kSmall);
         if (freq_[e] > 0 || !evictable(e)) {

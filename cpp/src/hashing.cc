@@ -8,8 +8,9 @@
 namespace kvpool {
 namespace {
 
-static_assert(std::endian::native == std::endian::little,
-              "the key format encodes tokens as little-endian; add a byte swap for big-endian hosts");
+static_assert(
+    std::endian::native == std::endian::little,
+    "the key format encodes tokens as little-endian; add a byte swap for big-endian hosts");
 
 Key128 FromXxh(XXH128_hash_t h) {
   XXH128_canonical_t canonical;
@@ -67,9 +68,9 @@ std::string Namespace::Canonical() const {
 Result<Key128> Namespace::Fingerprint() const {
   if (block_tokens == 0) return Status(ErrorCode::kInvalidArgument, "block_tokens must be > 0");
   if (tp_size == 0 || tp_rank >= tp_size) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "tp_rank " + std::to_string(tp_rank) + " is outside tp_size " +
-                      std::to_string(tp_size));
+    return Status(
+        ErrorCode::kInvalidArgument,
+        "tp_rank " + std::to_string(tp_rank) + " is outside tp_size " + std::to_string(tp_size));
   }
   const std::string canonical = Canonical();
   return Hash128(canonical.data(), canonical.size());

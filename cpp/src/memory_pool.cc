@@ -23,6 +23,18 @@ uint64_t ClassLowerBound(int c) {
 
 }  // namespace
 
+Result<HugePages> ParseHugePages(const std::string& name) {
+  if (name == "auto") return HugePages::kAuto;
+  if (name == "on") return HugePages::kOn;
+  if (name == "off") return HugePages::kOff;
+  return Status(ErrorCode::kInvalidArgument,
+                "hugepages must be 'auto', 'on' or 'off', got '" + name + "'");
+}
+
+const char* HugePagesName(HugePages huge) {
+  return huge == HugePages::kOn ? "on" : huge == HugePages::kOff ? "off" : "auto";
+}
+
 Result<std::unique_ptr<MemoryPool>> MemoryPool::Create(size_t capacity, HugePages huge) {
   if (capacity == 0) return Status(ErrorCode::kInvalidArgument, "pool capacity must be > 0");
   const size_t granules = (capacity + kGranule - 1) / kGranule;
@@ -51,13 +63,15 @@ Result<std::unique_ptr<MemoryPool>> MemoryPool::Create(size_t capacity, HugePage
     mapped = bytes;
     p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
-      return Status(ErrorCode::kNoSpace, "could not map a pool of " + std::to_string(bytes) + " bytes");
+      return Status(ErrorCode::kNoSpace,
+                    "could not map a pool of " + std::to_string(bytes) + " bytes");
     }
     // Ask for transparent hugepages before the first touch (fewer TLB misses on large copies),
     // then fault everything in now rather than on the data path.
     madvise(p, mapped, MADV_HUGEPAGE);
     if (madvise(p, mapped, kMadvPopulateWrite) != 0) {
-      for (size_t off = 0; off < mapped; off += kGranule) static_cast<volatile uint8_t*>(p)[off] = 0;
+      for (size_t off = 0; off < mapped; off += kGranule)
+        static_cast<volatile uint8_t*>(p)[off] = 0;
     }
   }
   KVPOOL_LOG(kInfo, "memory pool mapped", "bytes", bytes, "hugepages", got_huge);

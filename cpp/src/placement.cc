@@ -29,4 +29,31 @@ std::vector<uint32_t> RankNodes(const Key128& key, std::span<const PlacementNode
   return out;
 }
 
+Result<Placement> Placement::Create(std::span<const std::string> node_ids,
+                                    std::span<const double> weights) {
+  if (node_ids.size() != weights.size()) {
+    return Status(ErrorCode::kInvalidArgument, std::to_string(node_ids.size()) + " node ids but " +
+                                                   std::to_string(weights.size()) + " weights");
+  }
+  std::vector<PlacementNode> nodes;
+  nodes.reserve(node_ids.size());
+  for (size_t i = 0; i < node_ids.size(); ++i) {
+    if (!(weights[i] > 0.0 && std::isfinite(weights[i]))) {
+      return Status(ErrorCode::kInvalidArgument, "weight of node '" + node_ids[i] + "' is " +
+                                                     std::to_string(weights[i]) +
+                                                     ", not a positive number");
+    }
+    const auto* p = reinterpret_cast<const uint8_t*>(node_ids[i].data());
+    nodes.push_back({PlacementSeed({p, node_ids[i].size()}), weights[i]});
+  }
+  return Placement(std::move(nodes));
+}
+
+std::vector<std::vector<uint32_t>> Placement::Rank(std::span<const Key128> keys, size_t k) const {
+  std::vector<std::vector<uint32_t>> out;
+  out.reserve(keys.size());
+  for (const Key128& key : keys) out.push_back(RankNodes(key, nodes_, k));
+  return out;
+}
+
 }  // namespace kvpool

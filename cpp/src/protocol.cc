@@ -5,15 +5,18 @@
 
 namespace kvpool::protocol {
 
-bool IsKnownOp(uint8_t op) { return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kStats); }
+bool IsKnownOp(uint8_t op) {
+  return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kStats);
+}
 
 Status ValidateRequestHeader(const Header& h, const Limits& limits) {
   if (h.magic != kMagic) {
-    return Status(ErrorCode::kBadMagic, "bad frame magic 0x" + [&] {
-      char buf[9];
-      std::snprintf(buf, sizeof buf, "%08x", h.magic);
-      return std::string(buf);
-    }());
+    return Status(
+        ErrorCode::kBadMagic, "bad frame magic 0x" + [&] {
+          char buf[9];
+          std::snprintf(buf, sizeof buf, "%08x", h.magic);
+          return std::string(buf);
+        }());
   }
   const auto op = static_cast<uint8_t>(h.op);
   if (!IsKnownOp(op)) return Status(ErrorCode::kUnknownOp, "unknown opcode " + std::to_string(op));
@@ -33,9 +36,12 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
   uint64_t expected = 0;
   switch (h.op) {
     case Op::kHello:
-      if (h.count != 0) return Status(ErrorCode::kBadFrame, "HELLO count must be 0, got " + std::to_string(h.count));
+      if (h.count != 0)
+        return Status(ErrorCode::kBadFrame,
+                      "HELLO count must be 0, got " + std::to_string(h.count));
       if (h.body_bytes != kHelloRequestBytes) {
-        return Status(ErrorCode::kBadFrame, "HELLO body must be " + std::to_string(kHelloRequestBytes) +
+        return Status(ErrorCode::kBadFrame, "HELLO body must be " +
+                                                std::to_string(kHelloRequestBytes) +
                                                 " bytes, got " + std::to_string(h.body_bytes));
       }
       return Status::Ok();
@@ -48,7 +54,9 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
       }
       return Status::Ok();
     case Op::kStats:
-      if (h.count != 0) return Status(ErrorCode::kBadFrame, "STATS count must be 0, got " + std::to_string(h.count));
+      if (h.count != 0)
+        return Status(ErrorCode::kBadFrame,
+                      "STATS count must be 0, got " + std::to_string(h.count));
       expected = 0;
       break;
     default:

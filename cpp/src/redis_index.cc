@@ -31,7 +31,9 @@ class RedisIndexReader::Conn {
   Conn(net::Fd fd, net::Deadline deadline) : fd_(std::move(fd)), deadline_(deadline) {}
 
   void set_deadline(net::Deadline d) { deadline_ = d; }
-  Status Send(const std::string& data) { return net::SendAll(fd_.get(), data.data(), data.size(), deadline_); }
+  Status Send(const std::string& data) {
+    return net::SendAll(fd_.get(), data.data(), data.size(), deadline_);
+  }
 
   /// Reads one line (without CRLF) into `line`.
   Status ReadLine(std::string_view* line) {
@@ -66,7 +68,8 @@ class RedisIndexReader::Conn {
       return Status::Ok();
     }
     const auto r = std::from_chars(line.data() + 1, line.data() + line.size(), *value);
-    if (r.ec != std::errc()) return Status(ErrorCode::kProtocol, "bad Redis reply: " + std::string(line));
+    if (r.ec != std::errc())
+      return Status(ErrorCode::kProtocol, "bad Redis reply: " + std::string(line));
     return Status::Ok();
   }
 
@@ -140,7 +143,8 @@ Status RedisIndexReader::EnsureConnected() {
   return Status::Ok();
 }
 
-Status RedisIndexReader::Lookup(std::span<const Key128> keys, int64_t* epoch, std::vector<std::string>* holders) {
+Status RedisIndexReader::Lookup(std::span<const Key128> keys, int64_t* epoch,
+                                std::vector<std::string>* holders) {
   std::lock_guard<std::mutex> lock(mu_);
   holders->assign(keys.size(), std::string());
   const size_t parts = partition_keys_.size();
@@ -177,7 +181,8 @@ Status RedisIndexReader::Lookup(std::span<const Key128> keys, int64_t* epoch, st
   if (s.ok() && len >= 0) {  // nil: no member ever joined
     std::string text;
     s = conn_->ReadBulkBody(static_cast<size_t>(len), &text);
-    if (s.ok() && std::from_chars(text.data(), text.data() + text.size(), *epoch).ec != std::errc()) {
+    if (s.ok() &&
+        std::from_chars(text.data(), text.data() + text.size(), *epoch).ec != std::errc()) {
       s = Status(ErrorCode::kProtocol, "the epoch '" + text + "' is not an integer");
     }
   }
@@ -206,8 +211,8 @@ Status RedisIndexReader::Lookup(std::span<const Key128> keys, int64_t* epoch, st
   return s;
 }
 
-Status RedisIndexReader::Locate(std::span<const Key128> keys, std::span<const std::string> live, int64_t* epoch,
-                                std::vector<int32_t>* holder) {
+Status RedisIndexReader::Locate(std::span<const Key128> keys, std::span<const std::string> live,
+                                int64_t* epoch, std::vector<int32_t>* holder) {
   std::vector<std::string> holders;  // per call: concurrent calls must not share it
   KVPOOL_RETURN_IF_ERROR(Lookup(keys, epoch, &holders));
   holder->assign(keys.size(), -1);

@@ -79,7 +79,8 @@ class FrameHandler {
     reply.body_bytes = error.message().size();
     uint8_t raw[protocol::kHeaderBytes];
     protocol::EncodeHeader(reply, raw);
-    iovec iov[2] = {{raw, sizeof raw}, {const_cast<char*>(error.message().data()), error.message().size()}};
+    iovec iov[2] = {{raw, sizeof raw},
+                    {const_cast<char*>(error.message().data()), error.message().size()}};
     (void)net::SendAll(fd_, iov, 2, net::Deadline::In(std::chrono::milliseconds(1000)));
     return error;
   }
@@ -97,12 +98,16 @@ class FrameHandler {
 
   Status Dispatch(const Header& h) {
     switch (h.op) {
-      case Op::kHello: return Hello(h);
-      case Op::kPut: return Put(h);
-      case Op::kGet: return Get(h);
+      case Op::kHello:
+        return Hello(h);
+      case Op::kPut:
+        return Put(h);
+      case Op::kGet:
+        return Get(h);
       case Op::kExists:
       case Op::kDelete:
-      case Op::kMatchPrefix: return KeyQuery(h);
+      case Op::kMatchPrefix:
+        return KeyQuery(h);
       case Op::kStats: {
         const std::string body = stats_();
         return Reply(h, 0, body.data(), body.size());
@@ -160,10 +165,10 @@ class FrameHandler {
       payload += std::min(sizes_[i], options_.limits.max_frame_bytes);  // cannot overflow
     }
     if (h.body_bytes != table_.size() + payload) {
-      return ReplyError(h, Status(ErrorCode::kBadFrame,
-                                  "PUT body of " + std::to_string(h.body_bytes) +
-                                      " bytes does not match its table (" +
-                                      std::to_string(table_.size() + payload) + " bytes)"));
+      return ReplyError(
+          h, Status(ErrorCode::kBadFrame, "PUT body of " + std::to_string(h.body_bytes) +
+                                              " bytes does not match its table (" +
+                                              std::to_string(table_.size() + payload) + " bytes)"));
     }
     results_.resize(n);
     reservations_.resize(n);
@@ -173,8 +178,9 @@ class FrameHandler {
       // bytes are read and dropped below.
       if (sizes_[i] > options_.limits.max_block_bytes) sizes_[i] = ~uint64_t{0};
     }
-    store_.Reserve(std::span<const Key128>(keys_.data(), n), std::span<const uint64_t>(sizes_.data(), n),
-                   std::span<PutResult>(results_.data(), n), std::span<Reservation>(reservations_.data(), n));
+    store_.Reserve(
+        std::span<const Key128>(keys_.data(), n), std::span<const uint64_t>(sizes_.data(), n),
+        std::span<PutResult>(results_.data(), n), std::span<Reservation>(reservations_.data(), n));
     // Read payloads: reserved blocks straight into pool memory, the rest into scratch.
     Status s;
     for (size_t i = 0; i < n && s.ok(); ++i) {
@@ -205,11 +211,17 @@ class FrameHandler {
       switch (results_[i]) {
         case PutResult::kReserved:
           status_[i] = static_cast<uint8_t>(committed[c++] ? protocol::PutStatus::kStored
-                                                            : protocol::PutStatus::kExists);
+                                                           : protocol::PutStatus::kExists);
           break;
-        case PutResult::kExists: status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists); break;
-        case PutResult::kNoSpace: status_[i] = static_cast<uint8_t>(protocol::PutStatus::kNoSpace); break;
-        case PutResult::kTooLarge: status_[i] = static_cast<uint8_t>(protocol::PutStatus::kTooLarge); break;
+        case PutResult::kExists:
+          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists);
+          break;
+        case PutResult::kNoSpace:
+          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kNoSpace);
+          break;
+        case PutResult::kTooLarge:
+          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kTooLarge);
+          break;
       }
     }
     return Reply(h, static_cast<uint32_t>(n), status_.data(), n);
@@ -309,7 +321,8 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   return server;
 }
 
-Server::Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd, uint16_t port)
+Server::Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd,
+               uint16_t port)
     : options_(options), store_(std::move(store)), listen_fd_(listen_fd), port_(port) {}
 
 Server::~Server() { Stop(); }
@@ -400,13 +413,14 @@ std::string Server::StatsJson() const {
      << ",\"high_watermark_bytes\":" << s.high_watermark_bytes << ",\"entries\":" << s.entries
      << ",\"reserved_blocks\":" << s.reserved_blocks << ",\"pinned_blocks\":" << s.pinned_blocks
      << ",\"hits\":" << s.hits << ",\"misses\":" << s.misses << ",\"stored\":" << s.stored
-     << ",\"existing\":" << s.existing << ",\"rejected\":" << s.rejected << ",\"evictions\":" << s.evictions
-     << ",\"deletes\":" << s.deletes << ",\"bytes_in\":" << s.bytes_in << ",\"bytes_out\":" << s.bytes_out
+     << ",\"existing\":" << s.existing << ",\"rejected\":" << s.rejected
+     << ",\"evictions\":" << s.evictions << ",\"deletes\":" << s.deletes
+     << ",\"bytes_in\":" << s.bytes_in << ",\"bytes_out\":" << s.bytes_out
      << ",\"connections\":" << connections << ",\"connections_accepted\":" << accepted_.load()
      << ",\"connections_rejected\":" << rejected_.load()
      << ",\"protocol_errors\":" << protocol_errors_.load()
-     << ",\"hugepages\":" << (store_->pool().hugepages() ? "true" : "false")
-     << ",\"eviction\":\"" << EvictionKindName(options_.store.eviction) << "\"}";
+     << ",\"hugepages\":" << (store_->pool().hugepages() ? "true" : "false") << ",\"eviction\":\""
+     << EvictionKindName(options_.store.eviction) << "\"}";
   return os.str();
 }
 

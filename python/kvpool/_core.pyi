@@ -12,13 +12,12 @@ __all__: list[str] = [
     "CopyEngine",
     "KVRegion",
     "Namespace",
+    "Placement",
     "RedisIndexReader",
     "Server",
     "ServerOptions",
     "chain_block_keys",
     "error_code_name",
-    "hash128",
-    "rank_nodes",
     "set_log_level",
 ]
 
@@ -55,6 +54,17 @@ class Namespace:
     def tp_size(self) -> int: ...
     @tp_size.setter
     def tp_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+
+class Placement:
+    def __init__(
+        self,
+        node_ids: collections.abc.Sequence[str],
+        weights: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex],
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def rank(
+        self, keys: collections.abc.Sequence, k: typing.SupportsInt | typing.SupportsIndex
+    ) -> list[list[int]]: ...
 
 class RedisIndexReader:
     def __init__(
@@ -154,7 +164,9 @@ class ServerOptions:
 class Server:
     @staticmethod
     def start(options: ServerOptions) -> Server: ...
-    def drain_events(self, max: typing.SupportsInt | typing.SupportsIndex) -> tuple[bytes, int]: ...
+    def drain_events(
+        self, max: typing.SupportsInt | typing.SupportsIndex
+    ) -> tuple[bytes, bytes, int]: ...
     def snapshot_keys(self) -> bytes: ...
     def stats_json(self) -> str: ...
     def stop(self) -> None: ...
@@ -188,11 +200,4 @@ def chain_block_keys(
     fingerprint: bytes, tokens: typing.Any, block_tokens: typing.SupportsInt | typing.SupportsIndex
 ) -> list: ...
 def error_code_name(arg0: typing.SupportsInt | typing.SupportsIndex) -> str: ...
-def hash128(arg0: bytes) -> bytes: ...
-def rank_nodes(
-    keys: collections.abc.Sequence,
-    node_ids: collections.abc.Sequence[str],
-    weights: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex],
-    k: typing.SupportsInt | typing.SupportsIndex,
-) -> list[list[int]]: ...
 def set_log_level(arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...

@@ -9,6 +9,7 @@ Redis lost all its data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -16,7 +17,10 @@ import threading
 import time
 from typing import Any
 
-from kvpool.metadata import MetadataError, Registry, load_library
+import redis
+
+from kvpool.keys import KEY_BYTES
+from kvpool.metadata import MetadataError, Registry, library_loaded, load_library
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,6 @@ class ClusterAgent:
         lease_ttl: float = 3.0,
         publish_interval: float = 0.05,
     ) -> None:
-        import redis  # the agent is the only part of the node that needs redis-py
-
         self._server = server
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=max(0.5, lease_ttl / 3), socket_connect_timeout=1.0
@@ -116,16 +118,25 @@ class ClusterAgent:
             except MetadataError as e:
                 log.warning("cluster membership lost (%s); joining again", e)
                 self.incarnation = 0
-            except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry
-                if "function not found" in str(e).lower():
-                    # Redis lost its data (or the library was removed): join again, which
-                    # loads the library and re-publishes every key.
+            except redis.ResponseError as e:
+                # Redis refused a call: when it is because the library is gone (Redis lost its
+                # data, or someone removed it), join again, which loads the library and
+                # re-publishes every key. Asked of Redis, not read from the error text.
+                if self._library_gone():
                     log.warning("kvpool library missing in Redis (data lost?); joining again")
                     self.incarnation = 0
                 else:
-                    log.warning("redis unavailable (%s); the node keeps serving", e)
+                    log.warning("redis refused a call (%s); retrying", e)
+            except Exception as e:  # noqa: BLE001 - Redis down: keep serving, retry
+                log.warning("redis unavailable (%s); the node keeps serving", e)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _library_gone(self) -> bool:
+        try:
+            return not library_loaded(self._redis)
+        except Exception:  # noqa: BLE001 - Redis went away meanwhile: the loop retries
+            return False
 
     def _try_join(self) -> None:
         try:
@@ -139,8 +150,8 @@ class ClusterAgent:
             self._drain()
             self._pending.clear()
             snapshot = self._server.snapshot_keys()
-            for i in range(0, len(snapshot), 16):
-                self._pending[snapshot[i : i + 16]] = True
+            for i in range(0, len(snapshot), KEY_BYTES):
+                self._pending[snapshot[i : i + KEY_BYTES]] = True
             self.incarnation, self.epoch = inc, epoch
             log.info(
                 "joined cluster %s as %s@%d (epoch %d, %d keys to publish)",
@@ -155,21 +166,23 @@ class ClusterAgent:
             log.warning("join failed: %s", e)
 
     def _drain(self) -> None:
+        """Moves the store's events into ``_pending``, oldest first, so that for each key only
+        the last event (committed or removed) is published."""
         while True:
-            records, dropped = self._server.drain_events(_DRAIN_BATCH)
+            keys, added, dropped = self._server.drain_events(_DRAIN_BATCH)
             if dropped:
                 log.warning(
                     "event ring overflowed (%d events lost); re-publishing all keys", dropped
                 )
                 self.incarnation = 0  # forces a join with a full snapshot
-            for i in range(0, len(records), 17):
-                self._pending[records[i : i + 16]] = records[i + 16] == 1
-            if len(records) < _DRAIN_BATCH * 17:
+            for i, flag in enumerate(added):
+                self._pending[keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]] = flag == 1
+            if len(added) < _DRAIN_BATCH:
                 return
 
     def _publish_pending(self) -> None:
         while self._pending and self.incarnation:
-            batch = dict(list(self._pending.items())[:_DRAIN_BATCH])
+            batch = dict(itertools.islice(self._pending.items(), _DRAIN_BATCH))
             added = [k for k, a in batch.items() if a]
             removed = [k for k, a in batch.items() if not a]
             self.registry.publish(self.node_id, self.incarnation, added, removed)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvpool.config import ServerConfig
-from kvpool.errors import KVPoolError
+from kvpool.errors import KVPoolError, describe_import_error
 
 log = logging.getLogger("kvpool")
 
@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KVPoolError as e:
         print(f"kvpool: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a broken install: name the missing piece, no traceback
+        print(f"kvpool: error: {describe_import_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

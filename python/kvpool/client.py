@@ -24,7 +24,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _as_buffer(block: Any, *, writable: bool) -> Any:
+def _as_buffer(block: Any) -> Any:
     """Objects with the buffer protocol pass through; CPU torch tensors become byte views of
     their storage (no copy), whatever their dtype."""
     if type(block).__module__.startswith("torch"):
@@ -80,7 +80,7 @@ class Client(Closing):
         """Like :meth:`put`, per key: whether the node holds it after the call."""
         if len(keys) != len(blocks):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(blocks)} blocks")
-        views = [_as_buffer(b, writable=False) for b in blocks]
+        views = [_as_buffer(b) for b in blocks]
         return [s in (_STORED, _EXISTS) for s in self._native.put(keys, views)]
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -92,7 +92,7 @@ class Client(Closing):
         block's size: a size mismatch reads as a miss and leaves the buffer untouched)."""
         if len(keys) != len(buffers):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(buffers)} buffers")
-        views = [_as_buffer(b, writable=True) for b in buffers]
+        views = [_as_buffer(b) for b in buffers]
         return list(self._native.get_into(keys, views))
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:

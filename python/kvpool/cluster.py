@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from kvpool import _core
 from kvpool._closing import Closing
 from kvpool.client import Client
-from kvpool.errors import InvalidArgumentError, KVPoolError
+from kvpool.errors import InstallError, InvalidArgumentError, KVPoolError
 from kvpool.metadata import Member, Registry, load_library
 
 __all__ = ["Cluster"]
@@ -63,6 +63,7 @@ class Cluster(Closing):
         self._members: list[Member] = []
         self._live: dict[str, Member] = {}
         self._view: tuple[list[Member], list[str]] = ([], [])
+        self._placement: tuple[list[Member], Any] = ([], _core.Placement([], []))
         self._clients: dict[str, Client] = {}
         self._suspect: dict[str, float] = {}
         self._epoch_checked = 0.0
@@ -72,6 +73,8 @@ class Cluster(Closing):
         try:
             load_library(self._redis)
             self._refresh(force=True)
+        except InstallError:
+            raise  # no Redis coming back fixes a broken install
         except Exception as e:  # noqa: BLE001 - Redis may come later; calls degrade meanwhile
             log.warning("cluster %s: redis unavailable at start (%s)", cluster, e)
 
@@ -98,6 +101,12 @@ class Cluster(Closing):
             self._members = sorted(members, key=lambda m: m.node_id)
             self._live = {m.entry: m for m in self._members}
             self._view = (self._members, [m.entry for m in self._members])
+            self._placement = (
+                self._members,
+                _core.Placement(
+                    [m.node_id for m in self._members], [m.weight for m in self._members]
+                ),
+            )
             for entry in [e for e in self._clients if e not in self._live]:
                 self._clients.pop(entry).close()
 
@@ -129,13 +138,10 @@ class Cluster(Closing):
     # -- placement and lookup ----------------------------------------------------------------
 
     def _place(self, keys: Sequence[bytes], k: int) -> list[list[Member]]:
-        members = self._members
+        members, placement = self._placement  # one attribute read: the two always match
         if not members or not keys:
             return [[] for _ in keys]
-        ranks = _core.rank_nodes(
-            list(keys), [m.node_id for m in members], [m.weight for m in members], k
-        )
-        return [[members[i] for i in r] for r in ranks]
+        return [[members[i] for i in r] for r in placement.rank(list(keys), k)]
 
     def _holders(self, keys: Sequence[bytes]) -> tuple[list[Member], list[int]] | None:
         """A member view and, per key, the index in it of a live holder (-1: none) per the

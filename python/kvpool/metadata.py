@@ -14,8 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import redis as redis_py
+
 from kvpool import _core
-from kvpool.errors import KVPoolError
+from kvpool.errors import InstallError, KVPoolError
 
 __all__ = [
     "INDEX_SENTINEL",
@@ -29,6 +31,7 @@ __all__ = [
     "NotMemberError",
     "Registry",
     "incarnation_entry",
+    "library_loaded",
     "library_source",
     "load_library",
     "partition_of",
@@ -95,18 +98,25 @@ def _check(reply: Any, what: str) -> Any:
     return reply
 
 
-def _scripts_dir() -> Path:
+def _library_files() -> list[Path]:
+    """The library's Lua files: package data of an installed kvpool (``kvpool/redis_scripts/``,
+    installed by CMake from the repository's ``redis_scripts/``), or that folder itself in a
+    source checkout (editable install)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "redis_scripts", here.parents[1] / "redis_scripts"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("redis_scripts/ not found beside the kvpool package")
+    candidates = (here / "redis_scripts", here.parents[1] / "redis_scripts")
+    for folder in candidates:
+        files = sorted(folder.glob("*.lua"))
+        if files:
+            return files
+    raise InstallError(
+        f"the Redis Functions library (redis_scripts/*.lua) is missing from {candidates[0]}: "
+        "the kvpool install is incomplete; reinstall it (pip install .)"
+    )
 
 
 def library_source() -> str:
     """The library as loaded: ``redis_scripts/*.lua`` in name order, concatenated."""
-    files = sorted(_scripts_dir().glob("*.lua"))
-    return "\n".join(f.read_text() for f in files)
+    return "\n".join(f.read_text() for f in _library_files())
 
 
 def load_library(redis: Any) -> None:
@@ -114,10 +124,14 @@ def load_library(redis: Any) -> None:
     try:
         if int(redis.fcall("kvpool_version", 0)) == LIBRARY_VERSION:
             return
-    except Exception as e:  # no such function yet: any ResponseError means "load it"
-        if type(e).__name__ != "ResponseError":
-            raise
+    except redis_py.ResponseError:  # no such function yet (or an older library): load it
+        pass
     redis.function_load(library_source(), replace=True)
+
+
+def library_loaded(redis: Any) -> bool:
+    """Whether Redis holds the ``kvpool`` library (any version)."""
+    return bool(redis.function_list(library="kvpool"))
 
 
 def partition_of(key: bytes) -> int:
@@ -387,8 +401,6 @@ class Registry:
 
 def _index_reader(redis: Any, keys: ClusterKeys) -> Any:
     """The core's fast index reader for a plain-TCP Redis, else None."""
-    import redis as redis_py
-
     pool = getattr(redis, "connection_pool", None)
     if pool is None or pool.connection_class is not redis_py.Connection:
         return None

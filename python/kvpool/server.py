@@ -84,6 +84,10 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     # signals reach sigwait below instead of interrupting an I/O thread.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    if config.redis:
+        from kvpool.metadata import library_source
+
+        library_source()  # a node that cannot load the library would never join: fail now
     node = LocalServer(config)
     log.info(
         "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s)",

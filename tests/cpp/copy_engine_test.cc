@@ -12,21 +12,25 @@ namespace {
 // A cache shaped like vLLM's per-layer [2, num_blocks, heads * block_size * head_size] tensors:
 // `layers` layers, each a K plane and a V plane, block b of plane p holding `block_bytes` bytes.
 struct FakeCache {
-  FakeCache(int layers, uint32_t blocks, uint64_t block_bytes) : num_blocks(blocks), bytes(block_bytes) {
+  FakeCache(int layers, uint32_t blocks, uint64_t block_bytes)
+      : num_blocks(blocks), bytes(block_bytes) {
     planes.resize(2 * layers, std::vector<uint8_t>(blocks * block_bytes));
     for (size_t p = 0; p < planes.size(); ++p) {
-      for (size_t i = 0; i < planes[p].size(); ++i) planes[p][i] = static_cast<uint8_t>(i * 7 + p * 31 + i / 251);
+      for (size_t i = 0; i < planes[p].size(); ++i)
+        planes[p][i] = static_cast<uint8_t>(i * 7 + p * 31 + i / 251);
     }
   }
   std::vector<KVRegion> Regions() {
     std::vector<KVRegion> out;
-    for (auto& p : planes) out.push_back({reinterpret_cast<uint64_t>(p.data()), bytes, bytes, num_blocks});
+    for (auto& p : planes)
+      out.push_back({reinterpret_cast<uint64_t>(p.data()), bytes, bytes, num_blocks});
     return out;
   }
   // What block b's stored object must be: its bytes of every plane, in plane order.
   std::vector<uint8_t> Object(uint32_t b) const {
     std::vector<uint8_t> out;
-    for (const auto& p : planes) out.insert(out.end(), p.begin() + b * bytes, p.begin() + (b + 1) * bytes);
+    for (const auto& p : planes)
+      out.insert(out.end(), p.begin() + b * bytes, p.begin() + (b + 1) * bytes);
     return out;
   }
   uint32_t num_blocks;
@@ -34,7 +38,8 @@ struct FakeCache {
   std::vector<std::vector<uint8_t>> planes;
 };
 
-std::unique_ptr<CopyEngine> Make(std::vector<KVRegion> regions, unsigned threads = 1, uint64_t parallel = 8 << 20) {
+std::unique_ptr<CopyEngine> Make(std::vector<KVRegion> regions, unsigned threads = 1,
+                                 uint64_t parallel = 8 << 20) {
   auto r = MakeCpuCopyEngine(std::move(regions), threads, parallel);
   EXPECT_TRUE(r.ok()) << r.status().ToString();
   return std::move(r.value());
@@ -51,7 +56,8 @@ TEST(CopyEngine, GatherConcatenatesRegionsPerBlockInCallOrder) {
   ASSERT_TRUE(engine->Gather(ids, staging).ok());
   for (size_t i = 0; i < ids.size(); ++i) {
     const auto want = cache.Object(ids[i]);
-    EXPECT_EQ(0, std::memcmp(staging.data() + i * want.size(), want.data(), want.size())) << "object " << i;
+    EXPECT_EQ(0, std::memcmp(staging.data() + i * want.size(), want.data(), want.size()))
+        << "object " << i;
   }
 }
 
@@ -121,7 +127,8 @@ TEST(CopyEngine, BadCallsNameTheValueAndCopyNothing) {
 
   s = engine->Scatter(std::vector<uint32_t>{1, 2, 1}, staging);
   EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("block id 1 appears more than once"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("block id 1 appears more than once"), std::string::npos)
+      << s.message();
 
   s = engine->Scatter(std::vector<uint32_t>{0, 1, 2, 3}, staging);
   EXPECT_EQ(s.code(), ErrorCode::kInvalidArgument);

@@ -21,6 +21,18 @@ std::unique_ptr<MemoryPool> MakePool(size_t capacity) {
   return pool.ok() ? std::move(pool.value()) : nullptr;
 }
 
+TEST(MemoryPool, HugePagesSettingParsesAndNamesTheBadValue) {
+  for (const char* name : {"auto", "on", "off"}) {
+    const auto huge = ParseHugePages(name);
+    ASSERT_TRUE(huge.ok()) << name;
+    EXPECT_STREQ(HugePagesName(huge.value()), name);
+  }
+  const auto bad = ParseHugePages("yes");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("'yes'"), std::string::npos);
+}
+
 TEST(MemoryPool, CreateRoundsCapacityUpToGranules) {
   auto pool = MakePool(10 * kG + 1);
   ASSERT_NE(pool, nullptr);

@@ -51,5 +51,30 @@ TEST(Placement, RanksAreDistinctDeterministicAndBounded) {
   EXPECT_TRUE(RankNodes(KeyOf(7), {}, 1).empty());
 }
 
+TEST(Placement, OneViewRanksAsRankNodesDoes) {
+  const std::vector<std::string> ids = {"a", "b", "c"};
+  const std::vector<double> weights = {1, 2, 1};
+  const auto placement = Placement::Create(ids, weights);
+  ASSERT_TRUE(placement.ok());
+  EXPECT_EQ(placement.value().size(), 3u);
+  std::vector<Key128> keys;
+  for (uint64_t i = 0; i < 200; ++i) keys.push_back(KeyOf(i));
+  const auto ranks = placement.value().Rank(keys, 2);
+  ASSERT_EQ(ranks.size(), keys.size());
+  const std::vector<PlacementNode> nodes = {Node("a", 1), Node("b", 2), Node("c", 1)};
+  for (size_t i = 0; i < keys.size(); ++i) EXPECT_EQ(ranks[i], RankNodes(keys[i], nodes, 2));
+}
+
+TEST(Placement, CreateRejectsMismatchedOrNonPositiveWeights) {
+  const std::vector<std::string> ids = {"a", "b"};
+  const auto short_weights = Placement::Create(ids, std::vector<double>{1});
+  ASSERT_FALSE(short_weights.ok());
+  EXPECT_EQ(short_weights.status().code(), ErrorCode::kInvalidArgument);
+  const auto zero = Placement::Create(ids, std::vector<double>{1, 0});
+  ASSERT_FALSE(zero.ok());
+  EXPECT_NE(zero.status().message().find("'b'"), std::string::npos);
+  EXPECT_TRUE(Placement::Create({}, {}).ok());  // an empty view places nothing
+}
+
 }  // namespace
 }  // namespace kvpool

@@ -513,3 +513,15 @@ def test_block_over_max_block_bytes_is_refused(start_node: ServerFactory) -> Non
         assert c.exists(keys) == [False] * 3
         assert c.put(keys[:1], [b"a" * 64 * KiB]) == 1  # the limit itself is allowed
         assert c.get(keys[:1]) == [b"a" * 64 * KiB]
+
+
+def test_error_codes_mirror_the_core() -> None:
+    """``kvpool.ErrorCode`` is the core's ``ErrorCode``: every code the core names exists in
+    Python with the same value and name, and no Python code is unknown to the core."""
+    from kvpool import _core
+
+    core = {
+        v: _core.error_code_name(v) for v in range(1000) if _core.error_code_name(v) != "Unknown"
+    }
+    python = {int(c): c.name.replace("_", "").lower() for c in kvpool.ErrorCode}
+    assert {v: n.lower() for v, n in core.items()} == python

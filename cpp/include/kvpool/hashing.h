@@ -46,7 +46,7 @@ struct Namespace {
   uint32_t tp_size = 1;
   uint32_t tp_rank = 0;
   int32_t layer_begin = 0;
-  int32_t layer_end = -1;  ///< Exclusive; -1 = all layers.
+  int32_t layer_end = -1;                    ///< Exclusive; -1 = all layers.
   std::map<std::string, std::string> salts;  ///< Request-level salts (LoRA name, cache salt, ...).
 
   /// The canonical description hashed into the fingerprint (README "Key format"): a versioned,

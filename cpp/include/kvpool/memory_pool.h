@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kvpool/status.h"
@@ -12,6 +13,10 @@ namespace kvpool {
 
 /// Whether the pool should be backed by explicit hugepages (MAP_HUGETLB).
 enum class HugePages { kAuto, kOn, kOff };
+
+/// "auto", "on" or "off"; InvalidArgument naming the value otherwise.
+Result<HugePages> ParseHugePages(const std::string& name);
+const char* HugePagesName(HugePages huge);
 
 /// One contiguous, page-aligned region allocated once (hugepages when available) and handed out in
 /// granules of kGranule bytes. Allocation uses size classes (8 sub-classes per power of two, so a
@@ -26,12 +31,14 @@ class MemoryPool {
 
   /// Maps `capacity` bytes (rounded up to kGranule). Errors: InvalidArgument for a zero or
   /// oversized capacity; NoSpace when the mapping fails (or hugepages are kOn and unavailable).
-  static Result<std::unique_ptr<MemoryPool>> Create(size_t capacity, HugePages huge = HugePages::kAuto);
+  static Result<std::unique_ptr<MemoryPool>> Create(size_t capacity,
+                                                    HugePages huge = HugePages::kAuto);
   ~MemoryPool();
   MemoryPool(const MemoryPool&) = delete;
   MemoryPool& operator=(const MemoryPool&) = delete;
 
-  /// Offset of a run of at least `size` bytes (rounded up to granules), or -1 when no free run fits.
+  /// Offset of a run of at least `size` bytes (rounded up to granules), or -1 when no free run
+  /// fits.
   int64_t Allocate(size_t size);
   /// Returns the run at `offset` (as returned by Allocate) to the pool.
   void Free(int64_t offset);
@@ -50,8 +57,8 @@ class MemoryPool {
   static constexpr int kSubBits = 3;
   static constexpr int kClasses = 64 << kSubBits;
 
-  static int ClassFloor(uint64_t granules);   // class whose every run is >= its lower bound
-  static int ClassCeil(uint64_t granules);    // first class whose runs all hold `granules`
+  static int ClassFloor(uint64_t granules);    // class whose every run is >= its lower bound
+  static int ClassCeil(uint64_t granules);     // first class whose runs all hold `granules`
   void Link(uint32_t start, uint32_t length);  // add a free run to its class list
   void Unlink(uint32_t start);                 // remove a free run from its class list
   void MarkRun(uint32_t start, uint32_t length, bool free);

@@ -4,9 +4,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "kvpool/hashing.h"
+#include "kvpool/status.h"
 
 namespace kvpool {
 
@@ -24,5 +26,20 @@ uint64_t PlacementSeed(std::span<const uint8_t> node_id);
 /// of keys proportional to its weight, and adding or removing a node moves only the keys it gains
 /// or held. Deterministic across processes and machines.
 std::vector<uint32_t> RankNodes(const Key128& key, std::span<const PlacementNode> nodes, size_t k);
+
+/// Placement over one member view: the nodes' seeds are hashed once, when the view is built.
+class Placement {
+ public:
+  /// InvalidArgument when the lengths differ or a weight is not positive and finite.
+  static Result<Placement> Create(std::span<const std::string> node_ids,
+                                  std::span<const double> weights);
+  /// RankNodes for each key: out[i] holds the indices of key i's `k` best nodes.
+  std::vector<std::vector<uint32_t>> Rank(std::span<const Key128> keys, size_t k) const;
+  size_t size() const { return nodes_.size(); }
+
+ private:
+  explicit Placement(std::vector<PlacementNode> nodes) : nodes_(std::move(nodes)) {}
+  std::vector<PlacementNode> nodes_;
+};
 
 }  // namespace kvpool

@@ -25,15 +25,15 @@ struct RedisEndpoint {
 /// Reads the block-location index the `kvpool` Functions library maintains: for a batch of keys
 /// it sends, in one pipeline, the epoch read and one HMGET per index partition the keys fall in
 /// (what kvpool_epoch and kvpool_lookup return, without a Lua call per partition), and parses
-/// the replies without any per-key allocation beyond the holder strings. Thread-safe (calls serialise on one connection); a broken connection is
-/// re-opened by the next call.
+/// the replies without any per-key allocation beyond the holder strings. Thread-safe (calls
+/// serialise on one connection); a broken connection is re-opened by the next call.
 class RedisIndexReader {
  public:
   /// `partition_keys[p]` is the Redis key of partition p (`kvpool:{C/p}:loc`); `meta_key` the
   /// cluster's meta hash. The key's partition is its first two bytes (big-endian) modulo the
   /// number of partitions.
-  RedisIndexReader(RedisEndpoint endpoint, std::string meta_key, std::vector<std::string> partition_keys,
-                   uint32_t timeout_ms);
+  RedisIndexReader(RedisEndpoint endpoint, std::string meta_key,
+                   std::vector<std::string> partition_keys, uint32_t timeout_ms);
   ~RedisIndexReader();
 
   /// Fills `epoch` and, per key, its holders as published: comma-separated entries, each a node's

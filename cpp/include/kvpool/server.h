@@ -51,7 +51,8 @@ class Server {
 
  private:
   struct Connection;
-  Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd, uint16_t port);
+  Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd,
+         uint16_t port);
   void AcceptLoop();
   void Serve(Connection* conn);
   void ReapFinished();

@@ -61,7 +61,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : data_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : data_(std::move(value)) {}         // NOLINT(google-explicit-constructor)
   Result(Status status) : data_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
 
   bool ok() const { return std::holds_alternative<T>(data_); }
@@ -81,8 +81,8 @@ class [[nodiscard]] Result {
 }  // namespace kvpool
 
 /// Returns early from the enclosing function when `expr` yields a non-ok Status.
-#define KVPOOL_RETURN_IF_ERROR(expr)         \
-  do {                                       \
-    ::kvpool::Status kvpool_status_ = (expr); \
+#define KVPOOL_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::kvpool::Status kvpool_status_ = (expr);        \
     if (!kvpool_status_.ok()) return kvpool_status_; \
   } while (0)

@@ -31,8 +31,8 @@ void Log(int level, std::string_view message, const KV&... kv) {
 
 }  // namespace kvpool::log
 
-#define KVPOOL_LOG(level, ...)                                               \
-  do {                                                                       \
+#define KVPOOL_LOG(level, ...)                                                              \
+  do {                                                                                      \
     if (::kvpool::log::level >= ::kvpool::log::g_threshold.load(std::memory_order_relaxed)) \
-      ::kvpool::log::Log(::kvpool::log::level, __VA_ARGS__);                 \
+      ::kvpool::log::Log(::kvpool::log::level, __VA_ARGS__);                                \
   } while (0)

@@ -1,7 +1,6 @@
 #include "support/socket.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -67,7 +66,8 @@ void Advance(struct iovec*& iov, size_t& iovcnt, size_t n) {
 
 int Deadline::PollTimeoutMs() const {
   if (never()) return -1;
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(at_ - Clock::now()).count();
+  const auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(at_ - Clock::now()).count();
   if (left <= 0) return 0;
   return static_cast<int>(std::min<int64_t>(left, INT_MAX));
 }
@@ -75,12 +75,6 @@ int Deadline::PollTimeoutMs() const {
 void Fd::Reset() {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
-}
-
-Status SetNonBlocking(int fd) {
-  const int flags = fcntl(fd, F_GETFL, 0);
-  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return Errno("fcntl");
-  return Status::Ok();
 }
 
 void TuneDataSocket(int fd) {
@@ -96,8 +90,8 @@ Result<Fd> Listen(const std::string& host, uint16_t port, int backlog) {
   int one = 1;
   setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_in)) != 0) {
-    return Status(ErrorCode::kConnection, "bind " + host + ":" + std::to_string(port) + ": " +
-                                              std::strerror(errno));
+    return Status(ErrorCode::kConnection,
+                  "bind " + host + ":" + std::to_string(port) + ": " + std::strerror(errno));
   }
   if (listen(fd.get(), backlog) != 0) return Errno("listen");
   return fd;
@@ -126,7 +120,8 @@ Result<Fd> Connect(const std::string& host, uint16_t port, Deadline deadline) {
     int err = 0;
     socklen_t len = sizeof err;
     getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err != 0) return Status(ErrorCode::kConnection, "connect " + where + ": " + std::strerror(err));
+    if (err != 0)
+      return Status(ErrorCode::kConnection, "connect " + where + ": " + std::strerror(err));
   }
   return fd;
 }

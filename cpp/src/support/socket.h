@@ -1,4 +1,5 @@
-// Non-blocking socket helpers with deadlines: every wait is a poll() bounded by the caller's deadline.
+// Non-blocking socket helpers with deadlines: every wait is a poll() bounded by the caller's
+// deadline.
 #pragma once
 
 #include <sys/uio.h>
@@ -57,11 +58,7 @@ class Fd {
   int fd_ = -1;
 };
 
-/// Outcome of reading a frame header while idle: a clean EOF before any byte is not an error.
-enum class ReadStart { kData, kEof };
-
-Status SetNonBlocking(int fd);
-void TuneDataSocket(int fd);  ///< TCP_NODELAY, large buffers
+void TuneDataSocket(int fd);  ///< TCP_NODELAY (the kernel's buffer autotuning is left alone)
 
 /// Listens on host:port (port 0 = any free port). InvalidArgument for an unparsable host.
 Result<Fd> Listen(const std::string& host, uint16_t port, int backlog);

@@ -514,7 +514,6 @@ class KVPoolConnector(KVConnectorBase_V1):
 
         names = sorted(kv_caches, key=lambda n: (extract_layer_index(n), n))
         tensors = [kv_caches[n] for n in names]
-        self._layer_names = names
         if any(t.device.type != "cpu" for t in tensors):
             self._disable(f"KV cache on {tensors[0].device}: only the CPU copy engine exists yet")
             return
@@ -529,6 +528,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         except (ValueError, KVPoolError) as e:
             self._disable(str(e))
             return
+        # Keeps the tensors alive: the copy engine holds only their raw addresses.
         self._kv_caches = tensors
         log.info(
             "KVPoolConnector worker rank %d: %d layers, KV shape %s, %d blocks of %d bytes",
