@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self
 
@@ -48,13 +48,23 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-_SIZE_KEYS = ("memory", "max_frame_bytes", "max_block_bytes", "max_pending_save")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-_CHOICES: Mapping[str, tuple[str, ...]] = {
-    "eviction": ("s3fifo", "lru"),
-    "hugepages": ("auto", "on", "off"),
-    "log_level": ("debug", "info", "warning", "error"),
-}
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _size(default: int) -> Any:
+    """A byte-size setting: accepts ``"4GiB"``-style strings (:func:`parse_size`)."""
+    return field(default=default, metadata={"size": True})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    """A setting that takes one of ``choices``."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def _check_redis_url(key: str, url: str) -> None:
+    if url and not url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(f"{key} = {url!r} is not a redis://, rediss:// or unix:// URL")
 
 
 class _Settings:
@@ -77,13 +87,15 @@ class _Settings:
                 raise ConfigError(
                     f"{source}: unknown key {key!r} (known: {', '.join(sorted(known))})"
                 )
-            setattr(self, key, self._coerce(key, known[key].type, raw, source))
+            setattr(self, key, self._coerce(known[key], raw, source))
         self.validate()
         return self
 
-    def _coerce(self, key: str, typ: Any, raw: Any, source: str) -> Any:
+    @staticmethod
+    def _coerce(f: Field[Any], raw: Any, source: str) -> Any:
+        key, typ = f.name, f.type
         try:
-            if key in _SIZE_KEYS:
+            if f.metadata.get("size"):
                 return parse_size(raw, name=f"{source}: {key}")
             if typ in (bool, "bool"):
                 if isinstance(raw, bool):
@@ -104,7 +116,7 @@ class _Settings:
             raise
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
-        choices = _CHOICES.get(key)
+        choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{source}: {key} = {value!r}, expected one of {', '.join(choices)}")
         return value
@@ -134,8 +146,8 @@ class _Settings:
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file {str(path)!r}: {e}") from None
             section = data.pop(cls._section, None)
-            for other in ("server", "connector"):  # the other component's table is not ours
-                data.pop(other, None)
+            for other in _Settings.__subclasses__():  # another component's table is not ours
+                data.pop(other._section, None)
             if isinstance(section, dict):
                 data.update(section)
             config.update(data, source=f"config file {str(path)!r}")
@@ -158,16 +170,16 @@ class ServerConfig(_Settings):
 
     host: str = "127.0.0.1"
     port: int = 7070
-    memory: int = 1 << 30
-    eviction: str = "s3fifo"
+    memory: int = _size(1 << 30)
+    eviction: str = _choice("s3fifo", "lru")
     high_watermark: float = 0.95
-    hugepages: str = "auto"
+    hugepages: str = _choice("auto", "on", "off")
     max_batch_keys: int = 4096
-    max_frame_bytes: int = 1 << 30
-    max_block_bytes: int = 256 << 20
+    max_frame_bytes: int = _size(1 << 30)
+    max_block_bytes: int = _size(256 << 20)
     max_connections: int = 1024
     io_timeout: float = 30.0
-    log_level: str = "info"
+    log_level: str = _choice("info", "debug", "warning", "error")
     #: Cluster membership: the node joins ``cluster`` through the Redis at ``redis`` (URL with
     #: password, user, TLS ``rediss://`` and database number as redis-py understands them).
     redis: str = ""
@@ -190,8 +202,7 @@ class ServerConfig(_Settings):
             raise ConfigError(f"io_timeout must be > 0 seconds, got {self.io_timeout}")
         if self.lease_ttl < 0.3:
             raise ConfigError(f"lease_ttl must be >= 0.3 seconds, got {self.lease_ttl}")
-        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"redis = {self.redis!r} is not a redis://, rediss:// or unix:// URL")
+        _check_redis_url("redis", self.redis)
 
 
 @dataclass
@@ -210,16 +221,13 @@ class ConnectorConfig(_Settings):
     load_blocks: bool = True  #: load hits (off: the engine only writes)
     save_blocks: bool = True  #: save computed blocks (off: the engine only reads)
     #: Saves queued for the background writer beyond this many bytes are dropped (and counted).
-    max_pending_save: int = 1 << 30
+    max_pending_save: int = _size(1 << 30)
     #: The model's name in block keys; default: vLLM's model name or path. Set it when engines
     #: load the same weights from different paths.
     model_id: str = ""
 
     def validate(self) -> None:
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"redis_url = {self.redis_url!r} is not a redis://, rediss:// or unix:// URL"
-            )
+        _check_redis_url("redis_url", self.redis_url)
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.replicas < 0:

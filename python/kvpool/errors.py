@@ -87,7 +87,7 @@ class InstallError(KVPoolError):
 def describe_import_error(e: ImportError) -> str:
     """One line naming the module an ImportError lacks and what provides it."""
     name = e.name or ""
-    if name.startswith("kvpool._core") or "kvpool._core" in str(e):
+    if name.startswith("kvpool") and "_core" in str(e):  # `from kvpool import _core` failed
         return (
             f"the C++ extension kvpool._core does not load ({e}): the install is incomplete; "
             "reinstall kvpool (pip install .)"

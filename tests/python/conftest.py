@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import kvpool
+import kvpool.local
 import pytest
 
 START_TIMEOUT_S = 60.0  # generous: the first import of an editable install may rebuild the core
@@ -243,12 +244,7 @@ def wait_until(
         time.sleep(interval)
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+free_port = kvpool.local.free_port
 
 
 # The wire protocol (docs/protocol.md), spoken by hand to send what the client never would.
@@ -355,7 +351,6 @@ class RedisProcess:
     def __init__(self, port: int = 0, *, extra: Sequence[str] = ()) -> None:
         import tempfile
 
-        self.exe = "redis-server"
         self.extra = list(extra)
         self._dir = tempfile.mkdtemp(prefix="kvpool-redis-")
         self.unix_socket = os.path.join(self._dir, "redis.sock")
@@ -380,54 +375,28 @@ class RedisProcess:
 
     def start(self) -> RedisProcess:
         assert self.proc is None or self.proc.poll() is not None, "redis-server already running"
-        # --dir keeps any stray file away from the working tree; --save '' and --appendonly no
-        # mean a restart always starts empty.
-        argv = [
-            self.exe,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self._dir,
-            "--unixsocket", self.unix_socket,
-            "--unixsocketperm", "700",
-            "--logfile", os.path.join(self._dir, "redis.log"),
-            "--daemonize", "no",
-            *self.extra,
-        ]  # fmt: skip
+        # --dir keeps any stray file away from the working tree (kvpool.local.redis_argv: no
+        # persistence, so a restart always starts empty).
+        argv = kvpool.local.redis_argv(
+            self.port,
+            extra=[
+                "--dir", self._dir,
+                "--unixsocket", self.unix_socket,
+                "--unixsocketperm", "700",
+                "--logfile", os.path.join(self._dir, "redis.log"),
+                "--daemonize", "no",
+                *self.extra,
+            ],
+        )  # fmt: skip
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
         )
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self) -> None:
-        import redis
-
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        r = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
         try:
-            while True:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server on port {self.port} exited with {self.proc.returncode}:\n"
-                        f"{self.log}"
-                    )
-                try:
-                    if r.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"redis-server on port {self.port} did not answer PING within "
-                        f"{REDIS_START_TIMEOUT_S} s:\n{self.log}"
-                    )
-                time.sleep(0.01)
-        finally:
-            r.close()
+            kvpool.local.wait_for_redis(self.port, self.proc, REDIS_START_TIMEOUT_S)
+        except kvpool.KVPoolError as e:
+            self.kill()
+            raise RuntimeError(f"{e}:\n{self.log}") from None
+        return self
 
     def client(self, **kwargs: Any) -> Any:
         """A redis-py client of this server (TCP)."""

@@ -194,14 +194,25 @@ print("round trip ok")
     ]
 
 
-def test_a_broken_install_is_one_line_naming_the_missing_piece(installed: Installed) -> None:
-    """The library removed from the installed package: a node and ``kvpool status`` (on a Redis
-    that never had the library) name it in one line instead of never joining."""
+@pytest.mark.parametrize(
+    ("piece", "named"),
+    [
+        ("kvpool/redis_scripts", "the Redis Functions library (redis_scripts/*.lua) is missing"),
+        ("kvpool/_core.*.so", "the C++ extension kvpool._core does not load"),
+        ("redis", "the Python package 'redis' is missing"),
+    ],
+)
+def test_a_broken_install_is_one_line_naming_the_missing_piece(
+    installed: Installed, piece: str, named: str
+) -> None:
+    """A piece of the installed package removed: a node and ``kvpool status`` (on a Redis that
+    never had the library) say which, in one line, instead of a traceback or a node that never
+    joins."""
     site = Path(sysconfig.get_path("purelib", vars={"base": str(installed.venv)}))
-    scripts = site / "kvpool" / "redis_scripts"
-    hidden = scripts.with_name("redis_scripts.hidden")
+    (path,) = site.glob(piece)
+    hidden = path.with_name(path.name + ".hidden")
     redis_proc = RedisProcess()
-    scripts.rename(hidden)
+    path.rename(hidden)
     try:
         kvpool = installed.exe("kvpool")
         out = installed.run(
@@ -209,14 +220,23 @@ def test_a_broken_install_is_one_line_naming_the_missing_piece(installed: Instal
         )
         status = installed.run([kvpool, "status", "--redis", redis_proc.url, "--cluster", "x"])
     finally:
-        hidden.rename(scripts)
+        hidden.rename(path)
         redis_proc.cleanup()
     for o in (out, status):
         assert o.returncode == 2, o.stdout + o.stderr
         lines = o.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in o.stderr, o.stderr
-        assert lines[0].startswith("kvpool: error: the Redis Functions library"), lines
-        assert "redis_scripts" in lines[0]
+        assert lines[0].startswith(f"kvpool: error: {named}"), lines
+
+
+def test_main_job_without_vllm_names_it_in_one_line(installed: Installed) -> None:
+    """vLLM is the user's own install: without it, ``kvpool local`` says so before it starts
+    anything, and points at the demo that needs no vLLM."""
+    out = installed.run([installed.exe("kvpool"), "local", "--tokens", "64"])
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stdout == "" and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("kvpool: error: vLLM is not installed"), out.stderr
+    assert "--engines synthetic" in out.stderr
 
 
 @pytest.mark.vllm

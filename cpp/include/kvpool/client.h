@@ -39,11 +39,11 @@ struct MutableBuffer {
 
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,
 /// so threads do not serialise on one socket (a large PUT or GetInto batch is itself moved over
-/// two connections at once); a pooled connection found dead is replaced once,
-/// transparently, so a client survives a node restart. A batch larger than the node's limits is
-/// split into several frames that are pipelined on one connection. Any failure of a call closes the
-/// connection it used (the next call opens a fresh one), so a timed-out reply can never be
-/// mistaken for the answer to a later request.
+/// two connections at once); a pooled connection found dead is replaced once, transparently, so
+/// a client survives a node restart. A batch larger than the node's limits is split into several
+/// frames that are pipelined on one connection. Any failure of a call closes the connection it
+/// used (the next call opens a fresh one), so a timed-out reply can never be mistaken for the
+/// answer to a later request.
 class Client {
  public:
   /// Connects once and performs the HELLO handshake, so a bad address fails here.
