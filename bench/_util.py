@@ -30,16 +30,21 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
+from kvpool.errors import KVPoolError
+from kvpool.local import free_port, redis_argv
+
 __all__ = [
     "LatencyStats",
     "ProcessSet",
     "Service",
     "ServiceError",
+    "chunks",
     "format_size",
     "free_port",
     "install_interrupt_handlers",
     "run_main",
     "log",
+    "start_redis",
     "median",
     "percentile",
     "wait_for_port",
@@ -71,12 +76,17 @@ def install_interrupt_handlers() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+def start_redis(procs: ProcessSet) -> tuple[Service, int]:
+    """A redis-server of its own (``kvpool.local.redis_argv``) on a free port, ready."""
+    port = free_port()
+    try:
+        argv = redis_argv(port)
+    except KVPoolError as e:
+        raise ServiceError(str(e)) from None
+    service = procs.start("redis-server", argv)
+    service.wait_for_line(r"Ready to accept connections", timeout=30)
+    log(f"redis-server pid {service.pid} on 127.0.0.1:{port}")
+    return service, port
 
 
 def wait_for_port(host: str, port: int, timeout: float, *, service: Service | None = None) -> None:
@@ -295,6 +305,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
+    """``items`` in consecutive slices of ``n`` (the last one shorter)."""
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def median(values: Sequence[float]) -> float:

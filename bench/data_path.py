@@ -49,6 +49,7 @@ from _util import (
     LatencyStats,
     ProcessSet,
     ServiceError,
+    chunks,
     format_size,
     free_port,
     install_interrupt_handlers,
@@ -56,6 +57,7 @@ from _util import (
     median,
     run_main,
     run_meta,
+    start_redis,
     wait_for_port,
 )
 
@@ -343,10 +345,6 @@ class SystemResult:
     cells: list[Cell] = field(default_factory=list)
 
 
-def _chunks(items: list[Any], n: int) -> list[list[Any]]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
-
-
 def _verify(what: str, got: Any, expected: np.ndarray) -> None:
     actual = np.frombuffer(got, dtype=np.uint8)
     if actual.nbytes != expected.nbytes or not np.array_equal(actual, expected):
@@ -367,7 +365,7 @@ class Runner:
             c.close()
 
     def _delete(self, keys: list[Any]) -> None:
-        for chunk in _chunks(keys, 256):
+        for chunk in chunks(keys, 256):
             self.conns[0].delete(chunk)
 
     def put_blocks(self, tag: str, size: int, count: int) -> list[Any]:
@@ -634,12 +632,8 @@ def bench_redis(plan: Plan, data: Data, nonce: str) -> SystemResult:
         return SystemResult(False, reason=f"redis-py missing: {e}")
     if not redis.utils.HIREDIS_AVAILABLE:
         return SystemResult(False, reason="hiredis is not installed (pip install hiredis)")
-    port = free_port()
-    argv = [exe, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", HOST]
     with ProcessSet() as procs:
-        server = procs.start("redis-server", argv)
-        server.wait_for_line(r"Ready to accept connections", timeout=30)
-        log(f"redis-server pid {server.pid} on {HOST}:{port}")
+        server, port = start_redis(procs)
         result = measure(RedisSystem(port), plan, data, nonce)
         server.check_alive()
         return result

@@ -52,8 +52,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _util import ProcessSet, install_interrupt_handlers, log, median, run_main, run_meta
-from cluster import loadavg, start_nodes, start_redis
+from _util import (
+    ProcessSet,
+    install_interrupt_handlers,
+    log,
+    median,
+    run_main,
+    run_meta,
+    start_redis,
+)
+from cluster_phases.common import loadavg, start_nodes
 from kvpool.cluster import Cluster
 from kvpool.keys import Namespace, block_keys
 from kvpool.vllm.tiny_model import PRESETS, ModelSpec, make_model, sample_text
