@@ -378,8 +378,11 @@ def test_nodes_killed_between_engines_b_recomputes_correctly(
             blocks = src.get(keys)
             assert all(b is not None for b in blocks)
             assert dst.put(keys, blocks) == len(keys)
-            for p in pool.prompts:
-                wait_until(lambda: dst.match_prefix(block_keys(p, ns)) == len(block_keys(p, ns)))  # noqa: B023
+            prefixes = [block_keys(p, ns) for p in pool.prompts]
+            wait_until(
+                lambda: all(dst.match_prefix(k) == len(k) for k in prefixes),
+                what="A's blocks indexed in the doomed cluster",
+            )
         for n in nodes:
             n.kill()  # SIGKILL
         dead = pool.run("dead", cluster=name)
