@@ -77,13 +77,16 @@ class Installed:
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    def start_node(self, redis_url: str, cluster: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [self.exe("kvpool"), "server", "--port", "0", "--memory", "32MiB",
-             "--redis", redis_url, "--cluster", cluster, "--lease-ttl", "5"],
-            cwd=self.cwd, env=self.env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+    def start_node(self, redis_url: str, cluster: str, log: Path) -> subprocess.Popen[bytes]:
+        """A ``kvpool server`` of the installed package; its output goes to ``log`` (a file, so
+        a chatty node can never block on a full pipe)."""
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [self.exe("kvpool"), "server", "--port", "0", "--memory", "32MiB",
+                 "--redis", redis_url, "--cluster", cluster, "--lease-ttl", "5"],
+                cwd=self.cwd, env=self.env(), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
 
 def _check(argv: Sequence[str], cwd: Path, timeout: float = BUILD_TIMEOUT_S) -> None:
@@ -146,7 +149,8 @@ def test_installed_nodes_join_and_a_cluster_round_trips_exact_bytes(
 ) -> None:
     redis_proc = RedisProcess()
     name = cluster_name("i")
-    nodes = [installed.start_node(redis_proc.url, name) for _ in range(3)]
+    logs = [installed.cwd / f"node{i}.log" for i in range(3)]
+    nodes = [installed.start_node(redis_proc.url, name, log) for log in logs]
     try:
 
         def members() -> int:
@@ -189,9 +193,7 @@ print("round trip ok")
                 p.kill()
                 p.wait()
         redis_proc.cleanup()
-    assert all(p.returncode == 0 for p in nodes), [
-        p.stderr.read() if p.stderr else "" for p in nodes
-    ]
+    assert all(p.returncode == 0 for p in nodes), [log.read_text() for log in logs]
 
 
 @pytest.mark.parametrize(
