@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <span>
 #include <string>
@@ -149,11 +150,10 @@ class OneBuffer {
                   ") is not a C-contiguous" + (writable ? " writable" : "") + " buffer")};
     }
   }
-  ~OneBuffer() { PyBuffer_Release(&view_); }  // a no-op once moved from (obj is null)
-  OneBuffer(OneBuffer&& other) noexcept : view_(other.view_) { other.view_.obj = nullptr; }
+  ~OneBuffer() { PyBuffer_Release(&view_); }
+  // Never copied or moved: an exporter may point into the Py_buffer itself (shape -> len).
   OneBuffer(const OneBuffer&) = delete;
   OneBuffer& operator=(const OneBuffer&) = delete;
-  OneBuffer& operator=(OneBuffer&&) = delete;
   std::span<uint8_t> span() const {
     return {static_cast<uint8_t*>(view_.buf), static_cast<size_t>(view_.len)};
   }
@@ -166,7 +166,6 @@ class OneBuffer {
 class BufferViews {
  public:
   BufferViews(const py::sequence& objs, bool writable) {
-    views_.reserve(objs.size());
     for (size_t i = 0; i < objs.size(); ++i) {
       views_.emplace_back(objs[i], writable, "block " + std::to_string(i));
     }
@@ -185,7 +184,7 @@ class BufferViews {
   }
 
  private:
-  std::vector<OneBuffer> views_;
+  std::deque<OneBuffer> views_;  // grows without moving its elements
 };
 
 py::list KeysToList(const std::vector<Key128>& keys) {

@@ -20,7 +20,14 @@ from typing import Any
 import redis
 
 from kvpool.keys import KEY_BYTES
-from kvpool.metadata import MetadataError, Registry, library_loaded, load_library
+from kvpool.metadata import (
+    LIBRARY_VERSION,
+    MetadataError,
+    Registry,
+    library_current,
+    library_source,
+    load_library,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ class ClusterAgent:
         lease_ttl: float = 3.0,
         publish_interval: float = 0.05,
     ) -> None:
+        library_source()  # InstallError now, not a join that fails forever in the background
         self._server = server
         self._redis = redis.Redis.from_url(
             redis_url, socket_timeout=max(0.5, lease_ttl / 3), socket_connect_timeout=1.0
@@ -119,11 +127,15 @@ class ClusterAgent:
                 log.warning("cluster membership lost (%s); joining again", e)
                 self.incarnation = 0
             except redis.ResponseError as e:
-                # Redis refused a call: when it is because the library is gone (Redis lost its
-                # data, or someone removed it), join again, which loads the library and
-                # re-publishes every key. Asked of Redis, not read from the error text.
+                # Redis refused a call: when it is because the library is gone or another
+                # version replaced it (Redis lost its data, someone removed or replaced it), join
+                # again, which loads this version and re-publishes every key. Asked of Redis,
+                # not read from the error text.
                 if self._library_gone():
-                    log.warning("kvpool library missing in Redis (data lost?); joining again")
+                    log.warning(
+                        "kvpool library (version %d) missing in Redis (data lost?); joining again",
+                        LIBRARY_VERSION,
+                    )
                     self.incarnation = 0
                 else:
                     log.warning("redis refused a call (%s); retrying", e)
@@ -134,7 +146,7 @@ class ClusterAgent:
 
     def _library_gone(self) -> bool:
         try:
-            return not library_loaded(self._redis)
+            return not library_current(self._redis)
         except Exception:  # noqa: BLE001 - Redis went away meanwhile: the loop retries
             return False
 

@@ -20,15 +20,18 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 7070; 0 picks a free one)")
     p.add_argument("--memory", help="pool size, e.g. 4GiB (default 1GiB)")
-    p.add_argument("--eviction", choices=["s3fifo", "lru"], help="eviction policy (default s3fifo)")
+    choices = ServerConfig.choices
+    p.add_argument(
+        "--eviction", choices=choices("eviction"), help="eviction policy (default s3fifo)"
+    )
     p.add_argument(
         "--high-watermark",
         type=float,
         dest="high_watermark",
         help="fraction of the pool kept in use at most (default 0.95)",
     )
-    p.add_argument("--hugepages", choices=["auto", "on", "off"], help="back the pool by hugepages")
-    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--hugepages", choices=choices("hugepages"), help="back the pool by hugepages")
+    p.add_argument("--log-level", dest="log_level", choices=choices("log_level"))
     p.add_argument("--redis", help="Redis URL of the cluster metadata (enables membership)")
     p.add_argument("--cluster", help="cluster name (default 'default')")
     p.add_argument("--node-id", dest="node_id", help="node id (default: from the address)")

@@ -10,6 +10,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
+import redis
+
 from kvpool import _core
 from kvpool._closing import Closing
 from kvpool.client import Client
@@ -46,8 +48,6 @@ class Cluster(Closing):
         replicas: int = 0,
         max_workers: int = 16,
     ) -> None:
-        import redis
-
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout}")
         if replicas < 0:
@@ -74,6 +74,7 @@ class Cluster(Closing):
             load_library(self._redis)
             self._refresh(force=True)
         except InstallError:
+            self.close()
             raise  # no Redis coming back fixes a broken install
         except Exception as e:  # noqa: BLE001 - Redis may come later; calls degrade meanwhile
             log.warning("cluster %s: redis unavailable at start (%s)", cluster, e)

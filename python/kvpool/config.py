@@ -57,9 +57,10 @@ def _size(default: int) -> Any:
     return field(default=default, metadata={"size": True})
 
 
-def _choice(default: str, *choices: str) -> Any:
-    """A setting that takes one of ``choices``."""
-    return field(default=default, metadata={"choices": (default, *choices)})
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A setting that takes one of ``choices`` (listed in errors and ``--help`` in this order)."""
+    assert default in choices
+    return field(default=default, metadata={"choices": choices})
 
 
 def _check_redis_url(key: str, url: str) -> None:
@@ -76,6 +77,12 @@ class _Settings:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
+        """The values setting ``name`` takes (a KeyError for a setting without choices)."""
+        field_ = next(f for f in fields(cls) if f.name == name)  # type: ignore[arg-type]
+        return tuple(field_.metadata["choices"])
 
     def update(self, values: Mapping[str, Any], *, source: str) -> Self:
         """Applies ``values`` (from ``source``, named in errors); unknown keys are errors."""
@@ -171,15 +178,15 @@ class ServerConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = 7070
     memory: int = _size(1 << 30)
-    eviction: str = _choice("s3fifo", "lru")
+    eviction: str = _choice("s3fifo", ("s3fifo", "lru"))
     high_watermark: float = 0.95
-    hugepages: str = _choice("auto", "on", "off")
+    hugepages: str = _choice("auto", ("auto", "on", "off"))
     max_batch_keys: int = 4096
     max_frame_bytes: int = _size(1 << 30)
     max_block_bytes: int = _size(256 << 20)
     max_connections: int = 1024
     io_timeout: float = 30.0
-    log_level: str = _choice("info", "debug", "warning", "error")
+    log_level: str = _choice("info", ("debug", "info", "warning", "error"))
     #: Cluster membership: the node joins ``cluster`` through the Redis at ``redis`` (URL with
     #: password, user, TLS ``rediss://`` and database number as redis-py understands them).
     redis: str = ""

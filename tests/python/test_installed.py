@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -62,15 +63,7 @@ class Installed:
         timeout: float = 120.0,
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(argv),
-            cwd=self.cwd,
-            env=self.env(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        return run_group(argv, cwd=self.cwd, env=self.env(env), timeout=timeout)
 
     def python(self, code: str, *args: str, timeout: float = 120.0) -> str:
         out = self.run([self.exe("python"), "-c", code, *args], timeout=timeout)
@@ -89,10 +82,29 @@ class Installed:
             )  # fmt: skip
 
 
+def run_group(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``argv`` to completion in a process group of its own; past ``timeout`` the whole
+    group is killed (``kvpool local``'s redis-server and engines, a build's compilers) and the
+    test fails with its output."""
+    proc = subprocess.Popen(
+        list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"{argv} ran past {timeout} s:\n{stdout[-4000:]}{stderr[-4000:]}"
+        ) from None
+    return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
+
+
 def _check(argv: Sequence[str], cwd: Path, timeout: float = BUILD_TIMEOUT_S) -> None:
-    out = subprocess.run(
-        list(argv), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    out = run_group(argv, cwd=cwd, timeout=timeout)
     assert out.returncode == 0, (
         f"{' '.join(argv)} failed:\n{out.stdout[-4000:]}{out.stderr[-4000:]}"
     )
@@ -150,8 +162,10 @@ def test_installed_nodes_join_and_a_cluster_round_trips_exact_bytes(
     redis_proc = RedisProcess()
     name = cluster_name("i")
     logs = [installed.cwd / f"node{i}.log" for i in range(3)]
-    nodes = [installed.start_node(redis_proc.url, name, log) for log in logs]
+    nodes: list[subprocess.Popen[bytes]] = []
     try:
+        for log in logs:
+            nodes.append(installed.start_node(redis_proc.url, name, log))
 
         def members() -> int:
             out = installed.run(
@@ -214,15 +228,16 @@ def test_a_broken_install_is_one_line_naming_the_missing_piece(
     (path,) = site.glob(piece)
     hidden = path.with_name(path.name + ".hidden")
     redis_proc = RedisProcess()
-    path.rename(hidden)
     try:
+        path.rename(hidden)
         kvpool = installed.exe("kvpool")
         out = installed.run(
             [kvpool, "server", "--port", "0", "--redis", redis_proc.url, "--cluster", "x"]
         )
         status = installed.run([kvpool, "status", "--redis", redis_proc.url, "--cluster", "x"])
     finally:
-        hidden.rename(path)
+        if hidden.exists():
+            hidden.rename(path)
         redis_proc.cleanup()
     for o in (out, status):
         assert o.returncode == 2, o.stdout + o.stderr

@@ -79,7 +79,6 @@ class Pool:
 
     redis: RedisProcess
     name: str
-    nodes: list[ServerProcess]
     model: Path
     prompts: list[list[int]]
     workdir: Path
@@ -150,7 +149,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         name = cluster_name("v")
         nodes = start_cluster(redis_proc, name)
         try:
-            yield Pool(redis_proc, name, nodes, model, make_prompts(model), work)
+            yield Pool(redis_proc, name, model, make_prompts(model), work)
         finally:
             stop_nodes(nodes)
     finally:
@@ -292,14 +291,20 @@ def test_openai_server_with_the_flag_answers_with_hits(
 
 
 def replace_blocks(c: Cluster, keys: list[bytes], blocks: list[bytes]) -> None:
-    """Deletes ``keys`` everywhere and stores ``blocks`` under them, then waits until reads
-    through the index return exactly ``blocks``. The index is updated by the nodes' agents after
-    the fact: until a node has published a removal, the index still names it (as it does for
-    any block deleted or evicted since it was listed), so the wait is on the reads themselves,
-    never on the index merely covering the keys (which the entries of the deleted blocks do)."""
+    """Deletes ``keys`` everywhere and stores ``blocks`` under them, each step awaited in the
+    index. The nodes' agents update the index after the fact: until a node has published a
+    removal, the index still names the deleted block (as it does for any block deleted or
+    evicted since it was listed), so "the index covers the keys" right after the put may only
+    mean that. Waiting for the removals first leaves the new commits as the only way back in."""
     assert c.delete(keys) == len(keys)
+    wait_until(
+        lambda: all(c.match_prefix([k]) == 0 for k in keys), timeout=10, what="removals indexed"
+    )
     assert c.put(keys, blocks) == len(keys)
-    wait_until(lambda: c.get(keys) == blocks, timeout=10, what="reads of the replaced blocks")
+    wait_until(
+        lambda: all(c.match_prefix([k]) == 1 for k in keys), timeout=10, what="commits indexed"
+    )
+    assert c.get(keys) == blocks
 
 
 def test_corrupted_block_changes_the_output(
