@@ -3,8 +3,9 @@
 Storage nodes (``kvpool server``) pool their DRAM; engines write the KV blocks they compute and
 read back blocks any engine computed. This package holds the Python API over the C++ core.
 
-The names below are imported on first use, so that ``kvpool.errors``, ``kvpool.config`` and the
-``kvpool`` command line load even when a piece of the install is broken, and can say which.
+The names that need the C++ extension are imported on first use, so that ``kvpool.errors``,
+``kvpool.config`` and the ``kvpool`` command line load even when a piece of the install is
+broken, and can say which.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kvpool.config import ServerConfig, parse_size
 from kvpool.errors import (
     ConfigError,
     ErrorCode,
@@ -28,7 +30,6 @@ from kvpool.errors import (
 if TYPE_CHECKING:
     from kvpool.client import Client
     from kvpool.cluster import Cluster
-    from kvpool.config import ServerConfig, parse_size
     from kvpool.keys import Namespace, block_keys
     from kvpool.server import LocalServer
 
@@ -37,8 +38,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "Client": "kvpool.client",
     "Cluster": "kvpool.cluster",
-    "ServerConfig": "kvpool.config",
-    "parse_size": "kvpool.config",
     "Namespace": "kvpool.keys",
     "block_keys": "kvpool.keys",
     "LocalServer": "kvpool.server",
