@@ -5,6 +5,7 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -16,6 +17,8 @@
 #include "kvpool/placement.h"
 #include "kvpool/redis_index.h"
 #include "kvpool/server.h"
+#include "kvpool/staging.h"
+#include "kvpool/transport.h"
 
 namespace py = pybind11;
 using namespace kvpool;
@@ -198,6 +201,15 @@ py::list KeysToList(const std::vector<Key128>& keys) {
   return out;
 }
 
+/// A buffer taken from a staging arena, given back when Python drops the last view of it.
+struct StagingBuffer {
+  std::shared_ptr<StagingArena> arena;
+  MutableBuffer buffer{nullptr, 0};
+  ~StagingBuffer() {
+    if (buffer.data != nullptr) arena->Give(buffer.data);
+  }
+};
+
 py::list Flags(const std::vector<uint8_t>& flags) {
   py::list out(flags.size());
   for (size_t i = 0; i < flags.size(); ++i) out[i] = py::bool_(flags[i] != 0);
@@ -221,6 +233,7 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("set_log_level", &SetLogThreshold);
+  m.def("host_id", &LocalHostId);
   m.def("error_code_name", [](int code) { return ErrorCodeName(static_cast<ErrorCode>(code)); });
 
   py::class_<Namespace>(m, "Namespace")
@@ -387,7 +400,44 @@ PYBIND11_MODULE(_core, m) {
           [](ServerOptions& o, uint64_t v) { o.limits.max_frame_bytes = v; })
       .def_property(
           "max_block_bytes", [](const ServerOptions& o) { return o.limits.max_block_bytes; },
-          [](ServerOptions& o, uint64_t v) { o.limits.max_block_bytes = v; });
+          [](ServerOptions& o, uint64_t v) { o.limits.max_block_bytes = v; })
+      .def_property(
+          "protocol_version", [](const ServerOptions& o) { return o.limits.version; },
+          [](ServerOptions& o, uint32_t v) { o.limits.version = v; })
+      .def_property(
+          "transports",
+          [](const ServerOptions& o) {
+            std::vector<std::string> out;
+            for (TransportKind k : o.transports) out.emplace_back(TransportKindName(k));
+            return out;
+          },
+          [](ServerOptions& o, const std::vector<std::string>& names) {
+            o.transports.clear();
+            for (const auto& n : names) o.transports.push_back(Unwrap(ParseTransportKind(n)));
+          })
+      .def_readwrite("shm_socket", &ServerOptions::shm_socket)
+      .def_readwrite("shm_allow_uids", &ServerOptions::shm_allow_uids)
+      .def_readwrite("shm_allow_gids", &ServerOptions::shm_allow_gids);
+
+  py::class_<StagingBuffer>(m, "StagingBuffer", py::buffer_protocol())
+      .def_buffer([](StagingBuffer& b) {
+        return py::buffer_info(b.buffer.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.buffer.size)}, {1});
+      });
+
+  py::class_<StagingArena, std::shared_ptr<StagingArena>>(m, "StagingArena")
+      .def(py::init([](size_t bytes) { return Unwrap(StagingArena::Create(bytes)); }),
+           py::arg("bytes"))
+      .def_property_readonly("size", &StagingArena::size)
+      .def_property_readonly("used_bytes", &StagingArena::used_bytes)
+      .def("take", [](const std::shared_ptr<StagingArena>& arena, size_t bytes) -> py::object {
+        const MutableBuffer b = arena->Take(bytes);
+        if (b.data == nullptr) return py::none();
+        auto out = std::make_unique<StagingBuffer>();
+        out->arena = arena;
+        out->buffer = {b.data, bytes};
+        return py::cast(std::move(out));
+      });
 
   py::class_<Server>(m, "Server")
       .def_static(
@@ -399,6 +449,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("options"))
       .def_property_readonly("port", &Server::port)
       .def_property_readonly("host", &Server::host)
+      .def_property_readonly("shm_socket", &Server::shm_socket)
       .def("stop", &Server::Stop, py::call_guard<py::gil_scoped_release>())
       .def("stats_json", &Server::StatsJson, py::call_guard<py::gil_scoped_release>())
       .def(
@@ -433,14 +484,23 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Client>(m, "Client")
       .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms,
-                       uint32_t connect_timeout_ms, uint32_t max_idle_connections) {
+                       uint32_t connect_timeout_ms, uint32_t max_idle_connections,
+                       const std::string& transport,
+                       std::optional<std::shared_ptr<StagingArena>> arena, size_t arena_bytes) {
              ClientOptions o{host, port, timeout_ms, connect_timeout_ms, max_idle_connections};
+             o.transport = Unwrap(ParseTransportChoice(transport));
+             if (arena) o.arena = *arena;
+             o.arena_bytes = arena_bytes;
              py::gil_scoped_release release;
              return Unwrap(Client::Connect(o));
            }),
            py::arg("host"), py::arg("port"), py::arg("timeout_ms"), py::arg("connect_timeout_ms"),
-           py::arg("max_idle_connections"))
+           py::arg("max_idle_connections"), py::arg("transport") = "auto",
+           py::arg("arena") = std::nullopt, py::arg("arena_bytes") = size_t{64} << 20)
       .def_property_readonly("address", &Client::address)
+      .def_property_readonly(
+          "transport", [](Client& c) { return std::string(TransportKindName(c.transport())); })
+      .def("arena", [](Client& c) { return Unwrap(c.EnsureArena()); })
       .def_property_readonly("max_block_bytes",
                              [](Client& c) { return c.limits().max_block_bytes; })
       .def("put",

@@ -154,6 +154,7 @@ void BlockStore::Reserve(std::span<const Key128> keys, std::span<const uint64_t>
     results[i] = PutResult::kReserved;
     out[i] = Reservation{offset, sizes[i], pool_->base() + offset};
     ++stats_.reserved_blocks;
+    stats_.reserved_bytes += sizes[i];
   }
 }
 
@@ -163,6 +164,7 @@ void BlockStore::Commit(std::span<const Key128> keys, std::span<const Reservatio
   for (size_t i = 0; i < keys.size(); ++i) {
     const Reservation& r = reservations[i];
     --stats_.reserved_blocks;
+    stats_.reserved_bytes -= r.size;
     if (FindLocked(keys[i]) >= 0) {
       // Another writer won the race; blocks are immutable, so keep the first.
       pool_->Free(r.offset);
@@ -188,6 +190,7 @@ void BlockStore::Abort(std::span<const Reservation> reservations) {
   for (const Reservation& r : reservations) {
     pool_->Free(r.offset);
     --stats_.reserved_blocks;
+    stats_.reserved_bytes -= r.size;
   }
 }
 
@@ -202,7 +205,10 @@ void BlockStore::Pin(std::span<const Key128> keys, std::span<PinnedBlock> out,
       continue;
     }
     Entry& entry = entries_[e];
-    if (entry.pins++ == 0) ++stats_.pinned_blocks;
+    if (entry.pins++ == 0) {
+      ++stats_.pinned_blocks;
+      stats_.pinned_bytes += entry.size;
+    }
     policy_->OnAccess(static_cast<uint32_t>(e));
     out[i] = PinnedBlock{static_cast<uint32_t>(e), pool_->base() + entry.offset, entry.size};
     ++stats_.hits;
@@ -216,6 +222,7 @@ void BlockStore::Unpin(std::span<const PinnedBlock> blocks) {
     Entry& entry = entries_[b.entry];
     if (--entry.pins > 0) continue;
     --stats_.pinned_blocks;
+    stats_.pinned_bytes -= entry.size;
     if (entry.state == EntryState::kDoomed) ReleaseEntryLocked(b.entry);
   }
 }

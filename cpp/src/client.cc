@@ -1,10 +1,14 @@
 #include "kvpool/client.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <chrono>
 #include <thread>
 
+#include "support/log.h"
 #include "support/socket.h"
+#include "transport/shm/shm_link.h"
 
 namespace kvpool {
 
@@ -20,6 +24,8 @@ constexpr size_t kPutWindow = 4;
 constexpr size_t kQueryWindow = 2;
 // Batches at least this large are moved over two connections at once (Client::InHalves).
 constexpr uint64_t kParallelBatchBytes = uint64_t{8} << 20;
+// How long a failed call on shared memory waits for the node to finish the frames it sent.
+constexpr int kDrainGraceMs = 2000;
 
 struct Range {
   size_t begin, end;
@@ -33,27 +39,74 @@ class ClientConnection {
  public:
   ClientConnection(net::Fd fd, std::string where) : fd_(std::move(fd)), where_(std::move(where)) {}
 
-  Status Hello(net::Deadline deadline, protocol::Limits* limits) {
-    uint8_t body[protocol::kHelloRequestBytes];
-    const uint32_t v = protocol::kVersion;
-    std::memcpy(body, &v, 4);
-    std::memcpy(body + 4, &v, 4);
-    const uint64_t id = SendFrame(Op::kHello, 0, body, sizeof body, deadline);
-    if (!send_status_.ok()) return send_status_;
+  /// The handshake. With `arena`, offers shared memory and passes the arena's memfd with the
+  /// HELLO (a unix-domain connection); without, speaks v1 or v2 as the node does.
+  Status Hello(net::Deadline deadline, const StagingArena* arena) {
+    std::string body(protocol::kHelloRequestBytes, '\0');
+    const uint32_t min = arena ? 2 : protocol::kMinVersion, max = protocol::kVersion;
+    std::memcpy(body.data(), &min, 4);
+    std::memcpy(body.data() + 4, &max, 4);
     Header h;
-    KVPOOL_RETURN_IF_ERROR(ReadReplyHeader(Op::kHello, id, deadline, &h));
-    if (h.body_bytes != protocol::kHelloReplyBytes) return BadReply("HELLO reply size");
-    uint8_t reply[protocol::kHelloReplyBytes];
-    KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_.get(), reply, sizeof reply, deadline));
-    *limits = protocol::DecodeLimits(reply);
-    return Status::Ok();
+    h.op = Op::kHello;
+    h.request_id = ++next_id_;
+    if (arena != nullptr) {
+      std::string offer(1, static_cast<char>(TransportKind::kShm));
+      const uint64_t bytes = arena->size();
+      offer.append(reinterpret_cast<const char*>(&bytes), 8);
+      protocol::AppendExt(body, protocol::Ext::kTransport, offer);
+    }
+    h.body_bytes = body.size();
+    uint8_t raw[protocol::kHeaderBytes];
+    protocol::EncodeHeader(h, raw);
+    iovec iov[2] = {{raw, sizeof raw}, {body.data(), body.size()}};
+    KVPOOL_RETURN_IF_ERROR(arena ? net::SendAllWithFd(fd_.get(), iov, 2, arena->fd(), deadline)
+                                 : net::SendAll(fd_.get(), iov, 2, deadline));
+    Header r;
+    KVPOOL_RETURN_IF_ERROR(ReadReplyHeader(Op::kHello, h.request_id, deadline, &r));
+    if (r.body_bytes < protocol::kHelloReplyBytes || r.body_bytes > protocol::kMaxHelloBytes) {
+      return BadReply("HELLO reply size");
+    }
+    std::vector<uint8_t> reply(r.body_bytes);
+    KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_.get(), reply.data(), reply.size(), deadline));
+    limits = protocol::DecodeLimits(reply.data());
+    if (limits.version < min || limits.version > max) return BadReply("HELLO version");
+    if (limits.version == 1 && r.body_bytes != protocol::kHelloReplyBytes) {
+      return BadReply("v1 HELLO reply size");
+    }
+    kind = TransportKind::kTcp;
+    return protocol::ForEachExt(std::span<const uint8_t>(reply).subspan(protocol::kHelloReplyBytes),
+                                [&](uint16_t type, std::string_view value) -> Status {
+                                  switch (static_cast<protocol::Ext>(type)) {
+                                    case protocol::Ext::kTransport:
+                                      if (value.size() != 1) return BadReply("transport answer");
+                                      kind = static_cast<TransportKind>(value[0]);
+                                      break;
+                                    case protocol::Ext::kNodeId:
+                                      node_id = value;
+                                      break;
+                                    case protocol::Ext::kShmEndpoint: {
+                                      uint16_t host_len = 0;
+                                      if (value.size() >= 2)
+                                        std::memcpy(&host_len, value.data(), 2);
+                                      if (value.size() < 2u + host_len)
+                                        return BadReply("shm endpoint");
+                                      shm_host = value.substr(2, host_len);
+                                      shm_path = value.substr(2 + host_len);
+                                      break;
+                                    }
+                                    default:
+                                      break;  // newer extensions
+                                  }
+                                  return Status::Ok();
+                                });
   }
 
   /// Sends one frame made of the header and `iov` (which must leave iov[0] free for the header).
   uint64_t SendFrameV(Op op, uint32_t count, std::vector<iovec>& iov, uint64_t body_bytes,
-                      net::Deadline deadline) {
+                      net::Deadline deadline, uint8_t flags = 0) {
     Header h;
     h.op = op;
+    h.flags = flags;
     h.request_id = ++next_id_;
     h.count = count;
     h.body_bytes = body_bytes;
@@ -65,9 +118,9 @@ class ClientConnection {
   }
 
   uint64_t SendFrame(Op op, uint32_t count, const void* body, size_t body_bytes,
-                     net::Deadline deadline) {
+                     net::Deadline deadline, uint8_t flags = 0) {
     std::vector<iovec> iov = {{nullptr, 0}, {const_cast<void*>(body), body_bytes}};
-    return SendFrameV(op, count, iov, body_bytes, deadline);
+    return SendFrameV(op, count, iov, body_bytes, deadline, flags);
   }
 
   /// Reads a reply header and checks it answers request `id`; error replies become Status.
@@ -89,6 +142,19 @@ class ClientConnection {
     return Status(ErrorCode::kProtocol, "node " + where_ + " sent a malformed reply: " + what);
   }
 
+  /// After a failed call that let the node write into the arena: stop sending, and read until
+  /// the node closes (it does once it has finished the frames already sent), so that no late
+  /// copy lands in memory the caller reuses. Bounded by `grace`.
+  void DrainUntilClosed(std::chrono::milliseconds grace) {
+    shutdown(fd_.get(), SHUT_WR);
+    const auto deadline = net::Deadline::In(grace);
+    auto& buf = scratch();
+    while (true) {
+      iovec iov{buf.data(), buf.size()};
+      if (!net::RecvSome(fd_.get(), &iov, deadline).ok()) return;
+    }
+  }
+
   int fd() const { return fd_.get(); }
   const Status& send_status() const { return send_status_; }
   std::vector<uint8_t>& scratch() {
@@ -99,11 +165,16 @@ class ClientConnection {
   std::vector<uint8_t> table;
   std::vector<uint64_t> lengths;
   std::vector<iovec> iov;
+  std::vector<PeerBuffer> peer;
   // The frame whose reply is being read.
   net::Deadline deadline = net::Deadline::Never();
   size_t frame_keys = 0;
-  bool fresh = false;       // connected for this call, not taken from the idle pool
-  protocol::Limits limits;  // as announced by this connection's HELLO
+  bool fresh = false;        // connected for this call, not taken from the idle pool
+  bool peer_writes = false;  // described GET frames sent: the node may write into the arena
+  protocol::Limits limits;   // as announced by this connection's HELLO
+  TransportKind kind = TransportKind::kTcp;
+  const StagingArena* arena = nullptr;  // shared memory: the arena the node mapped
+  std::string node_id, shm_host, shm_path;
 
  private:
   net::Fd fd_;
@@ -162,32 +233,144 @@ Client::~Client() = default;
 
 std::string Client::address() const { return options_.host + ":" + std::to_string(options_.port); }
 
+Result<TransportChoice> ParseTransportChoice(std::string_view name) {
+  if (name == "auto") return TransportChoice::kAuto;
+  if (name == "tcp") return TransportChoice::kTcp;
+  if (name == "shm") return TransportChoice::kShm;
+  return Status(ErrorCode::kInvalidArgument,
+                "transport must be 'auto', 'tcp' or 'shm', got '" + std::string(name) + "'");
+}
+
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
   std::unique_ptr<Client> client(new Client(options));
-  auto conn = client->Acquire(/*allow_idle=*/false);
+  const auto deadline = net::Deadline::In(
+      std::chrono::milliseconds(std::min(options.timeout_ms, options.connect_timeout_ms)));
+  auto conn = client->DialTcp(deadline);
   if (!conn.ok()) return conn.status();
+  KVPOOL_RETURN_IF_ERROR(client->ChooseTransport(conn.value(), deadline));
+  {
+    std::lock_guard<std::mutex> lock(client->mu_);
+    client->limits_ = conn.value()->limits;
+    client->last_kind_ = conn.value()->kind;
+  }
   client->Release(std::move(conn.value()));
   return client;
 }
 
-Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
-  if (allow_idle) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!idle_.empty()) {
-      auto c = std::move(idle_.back());
-      idle_.pop_back();
-      return c;
+Status Client::ChooseTransport(std::unique_ptr<Connection>& tcp, net::Deadline deadline) {
+  if (options_.transport == TransportChoice::kTcp) return Status::Ok();
+  Status why;
+  if (tcp->shm_path.empty()) {
+    why = Status(ErrorCode::kUnsupported,
+                 "node " + address() + " does not serve shared memory" +
+                     (tcp->limits.version < 2 ? " (it speaks protocol version 1)" : ""));
+  } else if (tcp->shm_host != LocalHostId()) {
+    why = Status(ErrorCode::kUnsupported, "node " + address() + " runs on another host (id " +
+                                              tcp->shm_host + ", this host is " + LocalHostId() +
+                                              ")");
+  } else {
+    auto shm = DialShm(deadline);
+    if (shm.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      use_shm_ = true;
+      tcp = std::move(shm.value());  // the discovery connection closes; shared memory serves
+      return Status::Ok();
     }
+    why = shm.status();
   }
-  const auto deadline = net::Deadline::In(
-      std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
+  if (options_.transport == TransportChoice::kShm) return why;
+  NoteFallback(why);
+  return Status::Ok();
+}
+
+void Client::NoteFallback(const Status& why) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fallback_logged_) return;
+    fallback_logged_ = true;
+  }
+  KVPOOL_LOG(kInfo, "shared memory unavailable, using tcp", "node", address(), "reason",
+             why.ToString());
+}
+
+Result<std::shared_ptr<StagingArena>> Client::EnsureArena() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (arena_ == nullptr) arena_ = options_.arena;
+  if (arena_ == nullptr) {
+    auto made = StagingArena::Create(options_.arena_bytes);
+    if (!made.ok()) return made.status();
+    arena_ = std::move(made.value());
+  }
+  return arena_;
+}
+
+Result<std::unique_ptr<Connection>> Client::DialTcp(net::Deadline deadline) {
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
-  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, &conn->limits));
-  conn->fresh = true;
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, nullptr));
   std::lock_guard<std::mutex> lock(mu_);
-  limits_ = conn->limits;
+  node_id_ = conn->node_id;
+  shm_path_ = conn->shm_path;
+  return conn;
+}
+
+Result<std::unique_ptr<Connection>> Client::DialShm(net::Deadline deadline) {
+  auto arena = EnsureArena();
+  if (!arena.ok()) return arena.status();
+  std::string path, node_id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    path = shm_path_;
+    node_id = node_id_;
+  }
+  auto fd = net::ConnectUnix(path, deadline);
+  if (!fd.ok()) return fd.status();
+  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (" + path + ")");
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, arena.value().get()));
+  if (conn->kind == TransportKind::kShm && conn->node_id != node_id) {
+    // The node may have restarted since its last TCP HELLO: ask again which node serves there.
+    auto tcp = DialTcp(deadline);
+    if (tcp.ok()) node_id = tcp.value()->node_id;
+  }
+  if (conn->kind != TransportKind::kShm || conn->node_id != node_id) {
+    // Same host id, but the socket at this path (in this process's mount namespace) answers as
+    // another node, or a restarted one: the next TCP HELLO tells which.
+    return Status(ErrorCode::kConnection,
+                  "the socket " + path + " does not belong to node " + address());
+  }
+  conn->arena = arena.value().get();
+  return conn;
+}
+
+Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
+  bool shm;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (allow_idle && !idle_.empty()) {
+      auto c = std::move(idle_.back());
+      idle_.pop_back();
+      last_kind_ = c->kind;
+      return c;
+    }
+    shm = use_shm_;
+  }
+  const auto deadline = net::Deadline::In(
+      std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
+  Result<std::unique_ptr<Connection>> conn = Status(ErrorCode::kInternal, "no connection");
+  if (shm) {
+    conn = DialShm(deadline);
+    if (!conn.ok()) {
+      if (options_.transport == TransportChoice::kShm) return conn.status();
+      NoteFallback(conn.status());  // this connection goes over TCP; the next tries again
+    }
+  }
+  if (!conn.ok()) conn = DialTcp(deadline);
+  if (!conn.ok()) return conn.status();
+  conn.value()->fresh = true;
+  std::lock_guard<std::mutex> lock(mu_);
+  limits_ = conn.value()->limits;
+  last_kind_ = conn.value()->kind;
   return conn;
 }
 
@@ -203,11 +386,13 @@ Status Client::WithConnection(const std::function<Status(Connection&)>& fn) {
     Connection& c = *conn.value();
     const bool fresh = c.fresh;
     c.fresh = false;
+    c.peer_writes = false;
     Status s = fn(c);
     if (s.ok()) {
       Release(std::move(conn.value()));
       return s;
     }
+    if (c.peer_writes) c.DrainUntilClosed(std::chrono::milliseconds(kDrainGraceMs));
     // A pooled connection may have been closed by the node while idle (restart, idle reaping).
     // Every operation is idempotent (blocks are immutable), so one retry on a fresh connection
     // is safe; a fresh connection's failure is the node's answer.
@@ -257,28 +442,41 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
                           std::to_string(c.limits.max_frame_bytes));
       }
     }
-    const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
-                              [&](size_t i) { return protocol::kPutEntryBytes + blocks[i].size; });
-    // Each in-flight frame needs its own table; they live in one buffer indexed by key.
-    c.table.resize(keys.size() * protocol::kPutEntryBytes);
+    // On shared memory, blocks inside the arena travel as (offset, length): the node copies
+    // them; the rest ride inline after the table.
+    const bool described = c.arena != nullptr;
+    const size_t entry_bytes =
+        described ? protocol::kDescribedPutEntryBytes : protocol::kPutEntryBytes;
+    c.peer.resize(keys.size());
     for (size_t i = 0; i < keys.size(); ++i) {
-      uint8_t* e = c.table.data() + i * protocol::kPutEntryBytes;
+      const auto offset =
+          described ? c.arena->Offset(blocks[i].data, blocks[i].size) : std::optional<uint64_t>();
+      c.peer[i] = {offset.value_or(protocol::kInline), blocks[i].size};
+    }
+    const auto frames =
+        Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
+              [&](size_t i) { return entry_bytes + (c.peer[i].described() ? 0 : blocks[i].size); });
+    // Each in-flight frame needs its own table; they live in one buffer indexed by key.
+    c.table.resize(keys.size() * entry_bytes);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      uint8_t* e = c.table.data() + i * entry_bytes;
       std::memcpy(e, keys[i].bytes.data(), protocol::kKeyBytes);
       const uint64_t len = blocks[i].size;
       std::memcpy(e + protocol::kKeyBytes, &len, 8);
+      if (described) std::memcpy(e + protocol::kKeyBytes + 8, &c.peer[i].addr, 8);
     }
     auto send = [&](size_t f) -> Result<uint64_t> {
       const Range r = frames[f];
       c.iov.assign(1, {nullptr, 0});
-      c.iov.push_back({c.table.data() + r.begin * protocol::kPutEntryBytes,
-                       (r.end - r.begin) * protocol::kPutEntryBytes});
+      c.iov.push_back({c.table.data() + r.begin * entry_bytes, (r.end - r.begin) * entry_bytes});
       uint64_t body = c.iov.back().iov_len;
       for (size_t i = r.begin; i < r.end; ++i) {
+        if (c.peer[i].described()) continue;
         c.iov.push_back({const_cast<uint8_t*>(blocks[i].data), blocks[i].size});
         body += blocks[i].size;
       }
-      const uint64_t id =
-          c.SendFrameV(Op::kPut, static_cast<uint32_t>(r.end - r.begin), c.iov, body, deadline);
+      const uint64_t id = c.SendFrameV(Op::kPut, static_cast<uint32_t>(r.end - r.begin), c.iov,
+                                       body, deadline, described ? protocol::kFlagDescribed : 0);
       if (!c.send_status().ok()) return c.send_status();
       return id;
     };
@@ -297,14 +495,27 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
 Status Client::Get(std::span<const Key128> keys,
                    const std::function<uint8_t*(size_t index, size_t size)>& dest,
                    std::span<uint8_t> found) {
-  return KeyRequest(Op::kGet, keys, [&](Connection& c, size_t begin, const Header& h) -> Status {
+  return GetImpl(keys, {}, dest, found);
+}
+
+Status Client::GetImpl(std::span<const Key128> keys, std::span<const MutableBuffer> buffers,
+                       const std::function<uint8_t*(size_t index, size_t size)>& dest,
+                       std::span<uint8_t> found) {
+  auto on_reply = [&](Connection& c, size_t begin, const Header& h) -> Status {
     const size_t n = c.frame_keys;
     if (h.count != n || h.body_bytes < n * 8) return c.BadReply("GET reply size");
     c.lengths.resize(n);
     KVPOOL_RETURN_IF_ERROR(net::RecvAll(c.fd(), c.lengths.data(), n * 8, c.deadline));
+    // On shared memory a block the node copied into its described run is not on the stream
+    // (DeliveredInPeer: the run has exactly the block's size).
+    auto in_peer = [&](size_t k, uint64_t len) {
+      return !c.peer.empty() && DeliveredInPeer(c.peer[k], len);
+    };
     uint64_t payload = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (c.lengths[i] != protocol::kMissing) payload += c.lengths[i];
+      if (c.lengths[i] != protocol::kMissing && !in_peer(begin + i, c.lengths[i])) {
+        payload += c.lengths[i];
+      }
     }
     if (h.body_bytes - n * 8 != payload)
       return c.BadReply("GET reply body does not match its lengths");
@@ -314,6 +525,10 @@ Status Client::Get(std::span<const Key128> keys,
       const size_t k = begin + i;
       found[k] = 0;
       if (c.lengths[i] == protocol::kMissing) continue;
+      if (in_peer(k, c.lengths[i])) {
+        found[k] = 1;
+        continue;
+      }
       uint8_t* p = dest(k, c.lengths[i]);
       if (p != nullptr) {
         c.iov.push_back({p, c.lengths[i]});
@@ -327,7 +542,8 @@ Status Client::Get(std::span<const Key128> keys,
           net::Discard(c.fd(), c.lengths[i], scratch.data(), scratch.size(), c.deadline));
     }
     return net::RecvAllV(c.fd(), c.iov.data(), c.iov.size(), c.deadline);
-  });
+  };
+  return KeyRequest(Op::kGet, keys, on_reply, buffers);
 }
 
 Status Client::GetInto(std::span<const Key128> keys, std::span<const MutableBuffer> buffers,
@@ -339,8 +555,8 @@ Status Client::GetInto(std::span<const Key128> keys, std::span<const MutableBuff
   uint64_t bytes = 0;
   for (const auto& b : buffers) bytes += b.size;
   return InHalves(keys.size(), bytes, [&](size_t begin, size_t end) {
-    return Get(
-        keys.subspan(begin, end - begin),
+    return GetImpl(
+        keys.subspan(begin, end - begin), buffers.subspan(begin, end - begin),
         [&](size_t i, size_t size) {
           return size == buffers[begin + i].size ? buffers[begin + i].data : nullptr;
         },
@@ -350,16 +566,38 @@ Status Client::GetInto(std::span<const Key128> keys, std::span<const MutableBuff
 
 Status Client::KeyRequest(Op op, std::span<const Key128> keys,
                           const std::function<Status(detail::ClientConnection&, size_t begin,
-                                                     const protocol::Header&)>& on_reply) {
+                                                     const protocol::Header&)>& on_reply,
+                          std::span<const MutableBuffer> buffers) {
   const auto deadline = net::Deadline::In(std::chrono::milliseconds(options_.timeout_ms));
   return WithConnection([&](Connection& c) -> Status {
+    // GET on shared memory: entries name the arena runs to copy into (kInline for buffers
+    // outside the arena).
+    const bool described = c.arena != nullptr && !buffers.empty();
+    const size_t entry_bytes = described ? protocol::kDescribedGetEntryBytes : protocol::kKeyBytes;
+    c.peer_writes = described;
+    c.peer.clear();
+    if (described) {
+      c.peer.resize(keys.size());
+      c.table.resize(keys.size() * entry_bytes);
+      for (size_t i = 0; i < keys.size(); ++i) {
+        const auto offset = c.arena->Offset(buffers[i].data, buffers[i].size);
+        c.peer[i] = {offset.value_or(protocol::kInline), buffers[i].size};
+        uint8_t* e = c.table.data() + i * entry_bytes;
+        std::memcpy(e, keys[i].bytes.data(), protocol::kKeyBytes);
+        std::memcpy(e + protocol::kKeyBytes, &c.peer[i].addr, 8);
+        std::memcpy(e + protocol::kKeyBytes + 8, &c.peer[i].size, 8);
+      }
+    }
     const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
-                              [](size_t) { return protocol::kKeyBytes; });
+                              [&](size_t) { return entry_bytes; });
     auto send = [&](size_t f) -> Result<uint64_t> {
       const Range r = frames[f];
-      const uint64_t id =
-          c.SendFrame(op, static_cast<uint32_t>(r.end - r.begin), keys.data() + r.begin,
-                      (r.end - r.begin) * protocol::kKeyBytes, deadline);
+      const void* body = described
+                             ? static_cast<const void*>(c.table.data() + r.begin * entry_bytes)
+                             : static_cast<const void*>(keys.data() + r.begin);
+      const uint64_t id = c.SendFrame(op, static_cast<uint32_t>(r.end - r.begin), body,
+                                      (r.end - r.begin) * entry_bytes, deadline,
+                                      described ? protocol::kFlagDescribed : 0);
       if (!c.send_status().ok()) return c.send_status();
       return id;
     };

@@ -95,7 +95,18 @@ MemoryPool::MemoryPool(uint8_t* base, size_t granules, bool hugepages, size_t ma
   Link(0, static_cast<uint32_t>(granules));
 }
 
-MemoryPool::~MemoryPool() { munmap(base_, mapped_bytes_); }
+MemoryPool::~MemoryPool() {
+  if (mapped_bytes_ != 0) munmap(base_, mapped_bytes_);
+}
+
+Result<std::unique_ptr<MemoryPool>> MemoryPool::Over(uint8_t* base, size_t capacity) {
+  const size_t granules = capacity / kGranule;
+  if (granules == 0 || granules >= kNil) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "pool over " + std::to_string(capacity) + " bytes: needs 4 KiB to 16 TiB");
+  }
+  return std::unique_ptr<MemoryPool>(new MemoryPool(base, granules, false, 0));
+}
 
 int MemoryPool::ClassFloor(uint64_t n) {
   if (n < 16) return static_cast<int>(n);

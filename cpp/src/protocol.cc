@@ -9,7 +9,17 @@ bool IsKnownOp(uint8_t op) {
   return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kStats);
 }
 
-Status ValidateRequestHeader(const Header& h, const Limits& limits) {
+void AppendExt(std::string& out, Ext type, std::string_view value) {
+  uint8_t head[kExtHeaderBytes] = {};
+  const auto t = static_cast<uint16_t>(type);
+  const auto len = static_cast<uint32_t>(value.size());
+  std::memcpy(head, &t, 2);
+  std::memcpy(head + 4, &len, 4);
+  out.append(reinterpret_cast<const char*>(head), sizeof head);
+  out.append(value);
+}
+
+Status ValidateRequestHeader(const Header& h, const Limits& limits, uint32_t version) {
   if (h.magic != kMagic) {
     return Status(
         ErrorCode::kBadMagic, "bad frame magic 0x" + [&] {
@@ -20,8 +30,14 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
   }
   const auto op = static_cast<uint8_t>(h.op);
   if (!IsKnownOp(op)) return Status(ErrorCode::kUnknownOp, "unknown opcode " + std::to_string(op));
-  if (h.flags != 0 || h.reserved != 0 || h.status != 0) {
+  const bool described = h.flags == kFlagDescribed && (h.op == Op::kPut || h.op == Op::kGet);
+  if ((h.flags != 0 && !described) || h.reserved != 0 || h.status != 0) {
     return Status(ErrorCode::kBadFrame, "request has non-zero flags/reserved/status fields");
+  }
+  if (described && version < 2) {
+    return Status(ErrorCode::kBadFrame, "the described flag needs protocol version 2, the " +
+                                            std::string("connection speaks ") +
+                                            std::to_string(version));
   }
   if (h.body_bytes > limits.max_frame_bytes) {
     return Status(ErrorCode::kFrameTooLarge, "frame body of " + std::to_string(h.body_bytes) +
@@ -39,15 +55,20 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
       if (h.count != 0)
         return Status(ErrorCode::kBadFrame,
                       "HELLO count must be 0, got " + std::to_string(h.count));
-      if (h.body_bytes != kHelloRequestBytes) {
-        return Status(ErrorCode::kBadFrame, "HELLO body must be " +
-                                                std::to_string(kHelloRequestBytes) +
-                                                " bytes, got " + std::to_string(h.body_bytes));
+      // v1 nodes took exactly 8 bytes; v2 allows extensions after them (the node's reply to
+      // a client whose range stops at 1 is the v1 reply).
+      if (h.body_bytes < kHelloRequestBytes ||
+          h.body_bytes > (limits.version >= 2 ? kMaxHelloBytes : kHelloRequestBytes)) {
+        return Status(ErrorCode::kBadFrame,
+                      "HELLO body must be " + std::to_string(kHelloRequestBytes) +
+                          (limits.version >= 2 ? " to " + std::to_string(kMaxHelloBytes) : "") +
+                          " bytes, got " + std::to_string(h.body_bytes));
       }
       return Status::Ok();
     case Op::kPut:
       // The exact size is known only once the length table is read; it must at least hold it.
-      if (h.body_bytes < uint64_t{h.count} * kPutEntryBytes) {
+      if (h.body_bytes <
+          uint64_t{h.count} * (described ? kDescribedPutEntryBytes : kPutEntryBytes)) {
         return Status(ErrorCode::kBadFrame, "PUT body of " + std::to_string(h.body_bytes) +
                                                 " bytes cannot hold " + std::to_string(h.count) +
                                                 " table entries");
@@ -58,6 +79,9 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits) {
         return Status(ErrorCode::kBadFrame,
                       "STATS count must be 0, got " + std::to_string(h.count));
       expected = 0;
+      break;
+    case Op::kGet:
+      expected = uint64_t{h.count} * (described ? kDescribedGetEntryBytes : kKeyBytes);
       break;
     default:
       expected = uint64_t{h.count} * kKeyBytes;

@@ -1,14 +1,23 @@
 #include "kvpool/server.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <random>
 #include <sstream>
 #include <vector>
 
 #include "support/log.h"
 #include "support/socket.h"
+#include "transport/shm/shm_link.h"
+#include "transport/tcp/tcp_link.h"
 
 namespace kvpool {
 
@@ -17,13 +26,12 @@ using protocol::Op;
 
 struct Server::Connection {
   net::Fd fd;
+  TransportKind listener = TransportKind::kTcp;  // the socket it arrived on
   std::thread thread;
   std::atomic<bool> done{false};
 };
 
 namespace {
-
-constexpr size_t kScratchBytes = 256 << 10;
 
 /// A grow-only array of flags (std::vector<bool> packs bits and cannot back a span<bool>).
 class FlagBuffer {
@@ -43,11 +51,24 @@ class FlagBuffer {
 
 /// Serves one connection's frames in order. Buffers grow to the largest batch seen and are then
 /// reused, so a steady stream of requests allocates nothing.
+/// What a connection's handler needs to know about its node.
+struct NodeFacts {
+  const ServerOptions& options;
+  const std::function<std::string()>& stats;
+  const std::string& node_id;
+  const std::string& shm_path;  ///< empty: shared memory not served
+  std::array<Server::TransportCounters, kTransportKinds>& counters;
+};
+
 class FrameHandler {
  public:
-  FrameHandler(int fd, BlockStore& store, const ServerOptions& options,
-               const std::function<std::string()>& stats)
-      : fd_(fd), store_(store), options_(options), stats_(stats) {}
+  FrameHandler(int fd, TransportKind listener, BlockStore& store, const NodeFacts& node)
+      : fd_(fd),
+        listener_(listener),
+        store_(store),
+        options_(node.options),
+        node_(node),
+        link_(std::make_unique<TcpLink>(fd)) {}
 
   /// Runs until the peer closes, a protocol error, or the socket is shut down.
   Status Run() {
@@ -59,7 +80,7 @@ class FrameHandler {
       if (!s.ok()) return s;
       const Header h = protocol::DecodeHeader(raw);
       deadline_ = net::Deadline::In(std::chrono::milliseconds(options_.io_timeout_ms));
-      s = protocol::ValidateRequestHeader(h, options_.limits);
+      s = protocol::ValidateRequestHeader(h, options_.limits, version_);
       if (s.ok() && !hello_done_ && h.op != Op::kHello) {
         s = Status(ErrorCode::kHandshakeRequired, "the first frame must be HELLO");
       }
@@ -68,6 +89,9 @@ class FrameHandler {
       if (!s.ok()) return s;
     }
   }
+
+  /// The peer may not use this socket: its HELLO is answered with `why`.
+  void Refuse(Status why) { refused_ = std::move(why); }
 
   /// Sends an error reply for `h` (best effort) and returns the error so the caller closes.
   Status ReplyError(const Header& h, const Status& error) {
@@ -89,11 +113,20 @@ class FrameHandler {
   Status ReadHeader(uint8_t* raw) {
     in_frame_ = false;
     // Wait for the first byte without a deadline, then read the rest of the header on the clock.
-    Status s = net::RecvAll(fd_, raw, 1, net::Deadline::Never());
+    Status s = Recv(raw, 1, net::Deadline::Never());
     if (!s.ok()) return s;
     in_frame_ = true;
-    return net::RecvAll(fd_, raw + 1, protocol::kHeaderBytes - 1,
-                        net::Deadline::In(std::chrono::milliseconds(options_.io_timeout_ms)));
+    return Recv(raw + 1, protocol::kHeaderBytes - 1,
+                net::Deadline::In(std::chrono::milliseconds(options_.io_timeout_ms)));
+  }
+
+  /// Until HELLO is done on the shared-memory socket, reads keep the descriptors that arrive with
+  /// the bytes (the client's arena rides with its HELLO); afterwards nothing passed is kept.
+  Status Recv(void* buf, size_t n, net::Deadline deadline) {
+    if (listener_ == TransportKind::kShm && !hello_done_) {
+      return net::RecvAllKeepFds(fd_, buf, n, deadline, &passed_fds_, 1);
+    }
+    return net::RecvAll(fd_, buf, n, deadline);
   }
 
   Status Dispatch(const Header& h) {
@@ -109,7 +142,7 @@ class FrameHandler {
       case Op::kMatchPrefix:
         return KeyQuery(h);
       case Op::kStats: {
-        const std::string body = stats_();
+        const std::string body = node_.stats();
         return Reply(h, 0, body.data(), body.size());
       }
     }
@@ -129,21 +162,84 @@ class FrameHandler {
   }
 
   Status Hello(const Header& h) {
-    uint8_t body[protocol::kHelloRequestBytes];
-    KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_, body, sizeof body, deadline_));
-    uint32_t min_version, max_version;
-    std::memcpy(&min_version, body, 4);
-    std::memcpy(&max_version, body + 4, 4);
-    if (min_version > protocol::kVersion || max_version < protocol::kVersion) {
-      return ReplyError(h, Status(ErrorCode::kBadVersion,
-                                  "client speaks versions " + std::to_string(min_version) + ".." +
-                                      std::to_string(max_version) + ", node speaks " +
-                                      std::to_string(protocol::kVersion)));
+    hello_body_.resize(h.body_bytes);
+    KVPOOL_RETURN_IF_ERROR(Recv(hello_body_.data(), hello_body_.size(), deadline_));
+    if (!refused_.ok()) {
+      passed_fds_.clear();
+      return ReplyError(h, refused_);
     }
+    uint32_t min_version, max_version;
+    std::memcpy(&min_version, hello_body_.data(), 4);
+    std::memcpy(&max_version, hello_body_.data() + 4, 4);
+    const uint32_t speaks = options_.limits.version;
+    const uint32_t version = std::min(max_version, speaks);
+    if (version < std::max(min_version, protocol::kMinVersion)) {
+      return ReplyError(
+          h, Status(ErrorCode::kBadVersion,
+                    "client speaks versions " + std::to_string(min_version) + ".." +
+                        std::to_string(max_version) + ", node speaks " +
+                        std::to_string(protocol::kMinVersion) + ".." + std::to_string(speaks)));
+    }
+    if (version < 2 && h.body_bytes != protocol::kHelloRequestBytes) {
+      return ReplyError(h, Status(ErrorCode::kBadFrame, "HELLO extensions need version 2"));
+    }
+    // Extensions: the transport offer (unknown types are skipped, for newer clients).
+    int offered = -1;
+    uint64_t arena_bytes = 0;
+    Status s = protocol::ForEachExt(
+        std::span<const uint8_t>(hello_body_).subspan(protocol::kHelloRequestBytes),
+        [&](uint16_t type, std::string_view value) -> Status {
+          if (type != static_cast<uint16_t>(protocol::Ext::kTransport)) return Status::Ok();
+          if (value.empty()) return Status(ErrorCode::kBadFrame, "empty transport offer");
+          offered = static_cast<uint8_t>(value[0]);
+          if (offered == static_cast<int>(TransportKind::kShm)) {
+            if (value.size() != 9) {
+              return Status(ErrorCode::kBadFrame,
+                            "shm offer must be 9 bytes, got " + std::to_string(value.size()));
+            }
+            std::memcpy(&arena_bytes, value.data() + 1, 8);
+          }
+          return Status::Ok();
+        });
+    if (!s.ok()) return ReplyError(h, s);
+    if (listener_ == TransportKind::kShm) {
+      if (offered != static_cast<int>(TransportKind::kShm) || passed_fds_.size() != 1) {
+        return ReplyError(h, Status(ErrorCode::kBadFrame,
+                                    "the shared-memory socket needs a version 2 HELLO with an shm "
+                                    "offer and the arena's memfd (got " +
+                                        std::to_string(passed_fds_.size()) + " descriptors)"));
+      }
+      auto link = ShmLink::Open(fd_, passed_fds_[0].get(), arena_bytes);
+      passed_fds_.clear();  // the mapping, not the descriptor, is what the link keeps
+      if (!link.ok()) return ReplyError(h, link.status());
+      link_ = std::move(link.value());
+    } else if (offered > 0) {
+      return ReplyError(h, Status(ErrorCode::kBadFrame,
+                                  std::string("transport '") +
+                                      TransportKindName(static_cast<TransportKind>(offered)) +
+                                      "' is not offered on the TCP socket"));
+    }
+    version_ = version;
     hello_done_ = true;
-    uint8_t reply[protocol::kHelloReplyBytes];
-    protocol::EncodeLimits(options_.limits, reply);
-    return Reply(h, 0, reply, sizeof reply);
+    protocol::Limits limits = options_.limits;
+    limits.version = version;
+    std::string reply(protocol::kHelloReplyBytes, '\0');
+    protocol::EncodeLimits(limits, reinterpret_cast<uint8_t*>(reply.data()));
+    if (version >= 2) {
+      const char kind = static_cast<char>(link_->kind());
+      protocol::AppendExt(reply, protocol::Ext::kTransport, std::string_view(&kind, 1));
+      protocol::AppendExt(reply, protocol::Ext::kNodeId, node_.node_id);
+      if (listener_ == TransportKind::kTcp && !node_.shm_path.empty()) {
+        const std::string& host = LocalHostId();
+        std::string endpoint(2, '\0');
+        const auto host_len = static_cast<uint16_t>(host.size());
+        std::memcpy(endpoint.data(), &host_len, 2);
+        endpoint += host;
+        endpoint += node_.shm_path;
+        protocol::AppendExt(reply, protocol::Ext::kShmEndpoint, endpoint);
+      }
+    }
+    return Reply(h, 0, reply.data(), reply.size());
   }
 
   Status ReadKeys(const Header& h) {
@@ -153,16 +249,23 @@ class FrameHandler {
 
   Status Put(const Header& h) {
     const size_t n = h.count;
-    table_.resize(n * protocol::kPutEntryBytes);
+    const bool described = h.flags & protocol::kFlagDescribed;
+    const size_t entry_bytes =
+        described ? protocol::kDescribedPutEntryBytes : protocol::kPutEntryBytes;
+    table_.resize(n * entry_bytes);
     KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_, table_.data(), table_.size(), deadline_));
     keys_.resize(n);
     sizes_.resize(n);
-    uint64_t payload = 0;
+    peer_.resize(n);
+    uint64_t payload = 0;  // bytes that follow the table on the stream
     for (size_t i = 0; i < n; ++i) {
-      const uint8_t* e = table_.data() + i * protocol::kPutEntryBytes;
+      const uint8_t* e = table_.data() + i * entry_bytes;
       keys_[i] = Key128::FromBytes(e);
-      std::memcpy(&sizes_[i], e + protocol::kKeyBytes, 8);
-      payload += std::min(sizes_[i], options_.limits.max_frame_bytes);  // cannot overflow
+      PeerBuffer& p = peer_[i];
+      std::memcpy(&p.size, e + protocol::kKeyBytes, 8);
+      p.addr = protocol::kInline;
+      if (described) std::memcpy(&p.addr, e + protocol::kKeyBytes + 8, 8);
+      if (!p.described()) payload += std::min(p.size, options_.limits.max_frame_bytes);
     }
     if (h.body_bytes != table_.size() + payload) {
       return ReplyError(
@@ -170,28 +273,27 @@ class FrameHandler {
                                               " bytes does not match its table (" +
                                               std::to_string(table_.size() + payload) + " bytes)"));
     }
+    if (described) {
+      Status s = link_->CheckRuns(peer_);
+      if (!s.ok()) return ReplyError(h, s);
+    }
     results_.resize(n);
     reservations_.resize(n);
     status_.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      // Oversized blocks are refused per block (the store answers TooLarge for this size); their
-      // bytes are read and dropped below.
-      if (sizes_[i] > options_.limits.max_block_bytes) sizes_[i] = ~uint64_t{0};
+      // Oversized blocks are refused per block (the store answers TooLarge for this size).
+      sizes_[i] = peer_[i].size > options_.limits.max_block_bytes ? ~uint64_t{0} : peer_[i].size;
     }
     store_.Reserve(
         std::span<const Key128>(keys_.data(), n), std::span<const uint64_t>(sizes_.data(), n),
         std::span<PutResult>(results_.data(), n), std::span<Reservation>(reservations_.data(), n));
-    // Read payloads: reserved blocks straight into pool memory, the rest into scratch.
-    Status s;
-    for (size_t i = 0; i < n && s.ok(); ++i) {
-      const uint64_t len = ReadLength(i);
-      if (results_[i] == PutResult::kReserved) {
-        s = net::RecvAll(fd_, reservations_[i].data, len, deadline_);
-      } else {
-        if (scratch_.empty()) scratch_.resize(kScratchBytes);
-        s = net::Discard(fd_, len, scratch_.data(), scratch_.size(), deadline_);
-      }
+    // Payloads go straight into pool memory; refused ones are dropped.
+    into_.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const bool reserved = results_[i] == PutResult::kReserved;
+      into_[i] = {reserved ? reservations_[i].data : nullptr, peer_[i].size};
     }
+    Status s = link_->Pull(peer_, into_, deadline_);
     // Commit or abort every reservation, in one batch each.
     commit_keys_.clear();
     commit_res_.clear();
@@ -207,65 +309,81 @@ class FrameHandler {
     const std::span<bool> committed = committed_.Get(commit_res_.size());
     store_.Commit(commit_keys_, commit_res_, committed);
     size_t c = 0;
+    uint64_t moved = 0;
     for (size_t i = 0; i < n; ++i) {
-      switch (results_[i]) {
-        case PutResult::kReserved:
-          status_[i] = static_cast<uint8_t>(committed[c++] ? protocol::PutStatus::kStored
-                                                           : protocol::PutStatus::kExists);
-          break;
-        case PutResult::kExists:
-          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists);
-          break;
-        case PutResult::kNoSpace:
-          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kNoSpace);
-          break;
-        case PutResult::kTooLarge:
-          status_[i] = static_cast<uint8_t>(protocol::PutStatus::kTooLarge);
-          break;
-      }
+      status_[i] = static_cast<uint8_t>(ToPutStatus(results_[i]));
+      if (results_[i] != PutResult::kReserved) continue;
+      moved += peer_[i].size;
+      if (!committed[c++]) status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists);
     }
+    node_.counters[static_cast<size_t>(link_->kind())].bytes_in += moved;
     return Reply(h, static_cast<uint32_t>(n), status_.data(), n);
   }
 
-  // The bytes block i occupies on the wire (sizes_ holds ~0 for blocks refused as too large).
-  uint64_t ReadLength(size_t i) const {
-    uint64_t len;
-    std::memcpy(&len, table_.data() + i * protocol::kPutEntryBytes + protocol::kKeyBytes, 8);
-    return len;
+  static protocol::PutStatus ToPutStatus(PutResult r) {
+    switch (r) {
+      case PutResult::kReserved:
+        return protocol::PutStatus::kStored;
+      case PutResult::kExists:
+        return protocol::PutStatus::kExists;
+      case PutResult::kNoSpace:
+        return protocol::PutStatus::kNoSpace;
+      case PutResult::kTooLarge:
+        return protocol::PutStatus::kTooLarge;
+    }
+    return protocol::PutStatus::kNoSpace;
   }
 
   Status Get(const Header& h) {
     const size_t n = h.count;
-    KVPOOL_RETURN_IF_ERROR(ReadKeys(h));
+    const bool described = h.flags & protocol::kFlagDescribed;
+    keys_.resize(n);
+    peer_.assign(n, PeerBuffer{});
+    if (described) {
+      table_.resize(n * protocol::kDescribedGetEntryBytes);
+      KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_, table_.data(), table_.size(), deadline_));
+      for (size_t i = 0; i < n; ++i) {
+        const uint8_t* e = table_.data() + i * protocol::kDescribedGetEntryBytes;
+        keys_[i] = Key128::FromBytes(e);
+        std::memcpy(&peer_[i].addr, e + protocol::kKeyBytes, 8);
+        std::memcpy(&peer_[i].size, e + protocol::kKeyBytes + 8, 8);
+      }
+      Status s = link_->CheckRuns(peer_);
+      if (!s.ok()) return ReplyError(h, s);
+    } else {
+      KVPOOL_RETURN_IF_ERROR(ReadKeys(h));
+    }
     pinned_.resize(n);
     const std::span<bool> found = found_.Get(n);
     lengths_.resize(n);
+    blocks_.resize(n);
     store_.Pin(keys_, pinned_, found);
+    unpin_.clear();
+    uint64_t body = n * 8, moved = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (!found[i]) {
+        lengths_[i] = protocol::kMissing;
+        blocks_[i] = {nullptr, 0};
+        continue;
+      }
+      lengths_[i] = pinned_[i].size;
+      blocks_[i] = {pinned_[i].data, pinned_[i].size};
+      if (!DeliveredInPeer(peer_[i], pinned_[i].size)) body += pinned_[i].size;
+      moved += pinned_[i].size;
+      unpin_.push_back(pinned_[i]);
+    }
     Header reply;
     reply.op = h.op;
     reply.request_id = h.request_id;
     reply.count = static_cast<uint32_t>(n);
-    uint64_t body = n * 8;
-    iov_.clear();
-    iov_.push_back({nullptr, protocol::kHeaderBytes});
-    iov_.push_back({lengths_.data(), n * 8});
-    unpin_.clear();
-    for (size_t i = 0; i < n; ++i) {
-      if (!found[i]) {
-        lengths_[i] = protocol::kMissing;
-        continue;
-      }
-      lengths_[i] = pinned_[i].size;
-      body += pinned_[i].size;
-      iov_.push_back({const_cast<uint8_t*>(pinned_[i].data), pinned_[i].size});
-      unpin_.push_back(pinned_[i]);
-    }
     reply.body_bytes = body;
     uint8_t raw[protocol::kHeaderBytes];
     protocol::EncodeHeader(reply, raw);
-    iov_[0].iov_base = raw;
-    Status s = net::SendAll(fd_, iov_.data(), iov_.size(), deadline_);
+    const iovec head[2] = {{raw, sizeof raw}, {lengths_.data(), n * 8}};
+    // The pins hold until the bytes are in the client's memory or on the socket.
+    Status s = link_->Push(head, blocks_, peer_, deadline_);
     store_.Unpin(unpin_);
+    if (s.ok()) node_.counters[static_cast<size_t>(link_->kind())].bytes_out += moved;
     return s;
   }
 
@@ -287,21 +405,69 @@ class FrameHandler {
   }
 
   int fd_;
+  TransportKind listener_;
   BlockStore& store_;
   const ServerOptions& options_;
-  const std::function<std::string()>& stats_;
+  const NodeFacts& node_;
+  std::unique_ptr<Link> link_;
+  std::vector<net::Fd> passed_fds_;
+  Status refused_;
   bool hello_done_ = false;
   bool in_frame_ = false;
+  uint32_t version_ = 0;
   net::Deadline deadline_ = net::Deadline::Never();
-  std::vector<uint8_t> table_, scratch_, status_;
+  std::vector<uint8_t> hello_body_, table_, status_;
   std::vector<Key128> keys_, commit_keys_;
   std::vector<uint64_t> sizes_, lengths_;
+  std::vector<PeerBuffer> peer_;
+  std::vector<MutableBuffer> into_;
+  std::vector<ConstBuffer> blocks_;
   std::vector<PutResult> results_;
   std::vector<Reservation> reservations_, commit_res_;
   std::vector<PinnedBlock> pinned_, unpin_;
   FlagBuffer found_, committed_;
-  std::vector<iovec> iov_;
 };
+
+}  // namespace
+
+namespace {
+
+/// The default shared-memory socket: a directory of this uid's that nobody else can enter.
+Result<std::string> DefaultShmSocket(const std::string& host, uint16_t port) {
+  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
+  const std::string dir = std::string(runtime != nullptr && *runtime ? runtime : "/tmp") +
+                          "/kvpool-" + std::to_string(geteuid());
+  if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return Status(ErrorCode::kConnection, "cannot create " + dir + ": " + std::strerror(errno));
+  }
+  struct stat st{};
+  if (lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != geteuid() ||
+      (st.st_mode & 0077) != 0) {
+    return Status(ErrorCode::kConnection,
+                  dir + " must be a directory owned by uid " + std::to_string(geteuid()) +
+                      " with mode 0700 (set shm_socket to place the socket elsewhere)");
+  }
+  return dir + "/node-" + host + "-" + std::to_string(port) + ".sock";
+}
+
+std::string JsonEscape(const std::string& in) {
+  std::string out;
+  for (const char c : in) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) out += c;
+  }
+  return out;
+}
+
+std::string RandomNodeId() {
+  std::random_device rd;
+  std::string id(16, '\0');
+  for (size_t i = 0; i < id.size(); i += 4) {
+    const uint32_t r = rd();
+    std::memcpy(id.data() + i, &r, 4);
+  }
+  return id;
+}
 
 }  // namespace
 
@@ -309,15 +475,55 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   if (options.limits.max_batch_keys == 0 || options.limits.max_frame_bytes == 0) {
     return Status(ErrorCode::kInvalidArgument, "max_batch_keys and max_frame_bytes must be > 0");
   }
+  if (options.limits.version < protocol::kMinVersion ||
+      options.limits.version > protocol::kVersion) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "protocol version " + std::to_string(options.limits.version) + " is not one of " +
+                      std::to_string(protocol::kMinVersion) + ".." +
+                      std::to_string(protocol::kVersion));
+  }
+  bool shm = false;
+  for (TransportKind kind : options.transports) {
+    if (kind == TransportKind::kShm) {
+      shm = true;
+    } else if (kind != TransportKind::kTcp) {
+      return Status(ErrorCode::kUnsupported, std::string("transport '") + TransportKindName(kind) +
+                                                 "' is not available in this build");
+    }
+  }
+  if (shm && options.limits.version < 2) {
+    return Status(ErrorCode::kInvalidArgument, "shared memory needs protocol version 2");
+  }
   auto store = BlockStore::Create(options.store);
   if (!store.ok()) return store.status();
   auto fd = net::Listen(options.host, options.port, 512);
   if (!fd.ok()) return fd.status();
-  const int raw = fd.value().Release();  // the Server owns the descriptor from here on
-  const uint16_t port = net::LocalPort(raw);
-  auto server = std::unique_ptr<Server>(new Server(options, std::move(store.value()), raw, port));
+  const uint16_t port = net::LocalPort(fd.value().get());
+  net::Fd shm_fd;
+  std::string shm_path;
+  if (shm) {
+    auto path = options.shm_socket.empty() ? DefaultShmSocket(options.host, port)
+                                           : Result<std::string>(options.shm_socket);
+    if (!path.ok()) return path.status();
+    auto listener = net::ListenUnix(path.value(), 512);
+    if (!listener.ok()) return listener.status();
+    shm_fd = std::move(listener.value());
+    shm_path = path.value();
+  }
+  int wake[2];
+  if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+    return Status(ErrorCode::kInternal, std::string("pipe: ") + std::strerror(errno));
+  }
+  auto server = std::unique_ptr<Server>(
+      new Server(options, std::move(store.value()), fd.value().Release(), port));
+  server->shm_fd_ = shm_fd.Release();
+  server->shm_path_ = shm_path;
+  server->wake_[0] = wake[0];
+  server->wake_[1] = wake[1];
+  server->node_id_ = RandomNodeId();
   server->accept_thread_ = std::thread([s = server.get()] { s->AcceptLoop(); });
-  KVPOOL_LOG(kInfo, "server listening", "host", options.host, "port", port);
+  KVPOOL_LOG(kInfo, "server listening", "host", options.host, "port", port, "shm_socket",
+             shm_path.empty() ? "off" : shm_path);
   return server;
 }
 
@@ -328,45 +534,77 @@ Server::Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, 
 Server::~Server() { Stop(); }
 
 void Server::AcceptLoop() {
+  pollfd fds[3] = {{wake_[0], POLLIN, 0}, {listen_fd_, POLLIN, 0}, {shm_fd_, POLLIN, 0}};
+  const nfds_t nfds = shm_fd_ >= 0 ? 3 : 2;
   while (!stopping_.load()) {
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-    if (fd < 0) {
-      if (stopping_.load()) return;
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno == EMFILE || errno == ENFILE) {
-        KVPOOL_LOG(kWarning, "accept: out of file descriptors", "errno", errno);
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        continue;
+    if (poll(fds, nfds, -1) < 0 && errno != EINTR) return;
+    if (fds[0].revents != 0 || stopping_.load()) return;
+    for (nfds_t i = 1; i < nfds; ++i) {
+      if (fds[i].revents == 0) continue;
+      const int fd = accept4(fds[i].fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE) {
+          KVPOOL_LOG(kWarning, "accept: out of file descriptors", "errno", errno);
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        continue;  // EAGAIN (another wake-up took it), ECONNABORTED, EINTR
       }
-      if (errno == EINVAL) return;  // listener shut down
-      continue;
+      Admit(fd, i == 1 ? TransportKind::kTcp : TransportKind::kShm);
     }
-    ReapFinished();
-    net::TuneDataSocket(fd);
-    std::lock_guard<std::mutex> lock(conns_mu_);
-    if (stopping_.load() || conns_.size() >= options_.max_connections) {
-      ++rejected_;
-      ::close(fd);
-      continue;
-    }
-    ++accepted_;
-    auto conn = std::make_unique<Connection>();
-    conn->fd = net::Fd(fd);
-    Connection* c = conn.get();
-    conns_.push_back(std::move(conn));
-    c->thread = std::thread([this, c] { Serve(c); });
   }
+}
+
+void Server::Admit(int fd, TransportKind listener) {
+  ReapFinished();
+  if (listener == TransportKind::kTcp) net::TuneDataSocket(fd);
+  std::lock_guard<std::mutex> lock(conns_mu_);
+  if (stopping_.load() || conns_.size() >= options_.max_connections) {
+    ++rejected_;
+    ::close(fd);
+    return;
+  }
+  ++accepted_;
+  ++per_transport_[static_cast<size_t>(listener)].accepted;
+  ++per_transport_[static_cast<size_t>(listener)].connections;
+  auto conn = std::make_unique<Connection>();
+  conn->fd = net::Fd(fd);
+  conn->listener = listener;
+  Connection* c = conn.get();
+  conns_.push_back(std::move(conn));
+  c->thread = std::thread([this, c] { Serve(c); });
 }
 
 void Server::Serve(Connection* conn) {
   const std::function<std::string()> stats = [this] { return StatsJson(); };
-  FrameHandler handler(conn->fd.get(), *store_, options_, stats);
-  const Status s = handler.Run();
+  const NodeFacts node{options_, stats, node_id_, shm_path_, per_transport_};
+  FrameHandler handler(conn->fd.get(), conn->listener, *store_, node);
+  if (conn->listener == TransportKind::kShm) {
+    // Only processes of this uid (or root, or the configured uids and gids) may hand the node
+    // memory to copy into. A refused peer's HELLO is still read, so that it gets the reason.
+    auto cred = net::GetPeerCredentials(conn->fd.get());
+    const bool allowed =
+        cred.ok() && (cred.value().uid == geteuid() || cred.value().uid == 0 ||
+                      std::count(options_.shm_allow_uids.begin(), options_.shm_allow_uids.end(),
+                                 cred.value().uid) > 0 ||
+                      std::count(options_.shm_allow_gids.begin(), options_.shm_allow_gids.end(),
+                                 cred.value().gid) > 0);
+    if (!allowed) {
+      handler.Refuse(Status(ErrorCode::kUnauthorized,
+                            cred.ok() ? "uid " + std::to_string(cred.value().uid) + " (gid " +
+                                            std::to_string(cred.value().gid) +
+                                            ") may not use this node's shared-memory socket" +
+                                            " (shm_allow_uids / shm_allow_gids)"
+                                      : cred.status().message()));
+    }
+  }
+  Status s = handler.Run();
   if (!s.ok() && !stopping_.load()) {
     if (s.code() >= ErrorCode::kProtocol) ++protocol_errors_;
-    KVPOOL_LOG(kInfo, "connection closed", "reason", s.ToString());
+    KVPOOL_LOG(kInfo, "connection closed", "transport", TransportKindName(conn->listener), "reason",
+               s.ToString());
   }
   shutdown(conn->fd.get(), SHUT_RDWR);
+  --per_transport_[static_cast<size_t>(conn->listener)].connections;
   conn->done.store(true);
 }
 
@@ -388,9 +626,16 @@ void Server::ReapFinished() {
 
 void Server::Stop() {
   if (stopping_.exchange(true)) return;
-  shutdown(listen_fd_, SHUT_RDWR);
+  const char byte = 1;
+  (void)!write(wake_[1], &byte, 1);
   if (accept_thread_.joinable()) accept_thread_.join();
   ::close(listen_fd_);
+  if (shm_fd_ >= 0) {
+    ::close(shm_fd_);
+    unlink(shm_path_.c_str());
+  }
+  ::close(wake_[0]);
+  ::close(wake_[1]);
   std::list<std::unique_ptr<Connection>> conns;
   {
     std::lock_guard<std::mutex> lock(conns_mu_);
@@ -412,6 +657,7 @@ std::string Server::StatsJson() const {
   os << "{\"capacity_bytes\":" << s.capacity_bytes << ",\"used_bytes\":" << s.used_bytes
      << ",\"high_watermark_bytes\":" << s.high_watermark_bytes << ",\"entries\":" << s.entries
      << ",\"reserved_blocks\":" << s.reserved_blocks << ",\"pinned_blocks\":" << s.pinned_blocks
+     << ",\"reserved_bytes\":" << s.reserved_bytes << ",\"pinned_bytes\":" << s.pinned_bytes
      << ",\"hits\":" << s.hits << ",\"misses\":" << s.misses << ",\"stored\":" << s.stored
      << ",\"existing\":" << s.existing << ",\"rejected\":" << s.rejected
      << ",\"evictions\":" << s.evictions << ",\"deletes\":" << s.deletes
@@ -420,7 +666,18 @@ std::string Server::StatsJson() const {
      << ",\"connections_rejected\":" << rejected_.load()
      << ",\"protocol_errors\":" << protocol_errors_.load()
      << ",\"hugepages\":" << (store_->pool().hugepages() ? "true" : "false") << ",\"eviction\":\""
-     << EvictionKindName(options_.store.eviction) << "\"}";
+     << EvictionKindName(options_.store.eviction) << "\",\"shm_socket\":\"" << JsonEscape(shm_path_)
+     << "\",\"transports\":{";
+  bool first = true;
+  for (TransportKind kind : {TransportKind::kTcp, TransportKind::kShm}) {
+    if (kind == TransportKind::kShm && shm_path_.empty()) continue;
+    const TransportCounters& t = per_transport_[static_cast<size_t>(kind)];
+    os << (first ? "" : ",") << "\"" << TransportKindName(kind)
+       << "\":{\"connections\":" << t.connections.load() << ",\"accepted\":" << t.accepted.load()
+       << ",\"bytes_in\":" << t.bytes_in.load() << ",\"bytes_out\":" << t.bytes_out.load() << "}";
+    first = false;
+  }
+  os << "}}";
   return os.str();
 }
 

@@ -40,6 +40,8 @@ const char* ErrorCodeName(ErrorCode code) {
       return "BadFrame";
     case ErrorCode::kHandshakeRequired:
       return "HandshakeRequired";
+    case ErrorCode::kUnauthorized:
+      return "Unauthorized";
   }
   return "Unknown";
 }

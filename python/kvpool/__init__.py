@@ -25,6 +25,7 @@ from kvpool.errors import (
     NoSpaceError,
     ProtocolError,
     TooLargeError,
+    UnauthorizedError,
 )
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from kvpool.cluster import Cluster
     from kvpool.keys import Namespace, block_keys
     from kvpool.server import LocalServer
+    from kvpool.staging import StagingArena
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ _LAZY = {
     "Namespace": "kvpool.keys",
     "block_keys": "kvpool.keys",
     "LocalServer": "kvpool.server",
+    "StagingArena": "kvpool.staging",
 }
 
 
@@ -69,7 +72,9 @@ __all__ = [
     "Namespace",
     "NoSpaceError",
     "ProtocolError",
+    "UnauthorizedError",
     "ServerConfig",
+    "StagingArena",
     "TooLargeError",
     "block_keys",
     "parse_size",

@@ -52,6 +52,7 @@ class ClusterAgent:
         capacity: int,
         lease_ttl: float = 3.0,
         publish_interval: float = 0.05,
+        transports: str = "tcp",
     ) -> None:
         library_source()  # InstallError now, not a join that fails forever in the background
         self._server = server
@@ -62,6 +63,7 @@ class ClusterAgent:
         self.node_id = node_id
         self.address = address
         self.capacity = capacity
+        self.transports = transports
         self.ttl_ms = int(lease_ttl * 1000)
         self.publish_interval = publish_interval
         self.incarnation = 0  # 0 = not joined
@@ -154,7 +156,7 @@ class ClusterAgent:
         try:
             load_library(self._redis)
             inc, epoch = self.registry.join(
-                self.node_id, self.address, "tcp", self.capacity, self.ttl_ms
+                self.node_id, self.address, self.transports, self.capacity, self.ttl_ms
             )
             self.registry.fence_all(self.node_id, inc)
             # Everything the node holds is re-published under the new incarnation: drop the

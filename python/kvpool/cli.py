@@ -37,6 +37,14 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", dest="node_id", help="node id (default: from the address)")
     p.add_argument("--advertise", help="host:port clients reach this node at (default host:port)")
     p.add_argument("--lease-ttl", dest="lease_ttl", type=float, help="seconds (default 3)")
+    p.add_argument(
+        "--transports", help="transports served, comma-separated (default tcp,shm; tcp always)"
+    )
+    p.add_argument(
+        "--shm-socket",
+        dest="shm_socket",
+        help="the shared-memory unix socket (default $XDG_RUNTIME_DIR or /tmp /kvpool-<uid>/...)",
+    )
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -76,14 +84,25 @@ def _cmd_local(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from kvpool.client import Client
 
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, transport="tcp") as client:
         stats = client.stats()
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
-        width = max(len(k) for k in stats)
-        for key in sorted(stats):
-            print(f"{key:<{width}}  {stats[key]}")
+        # Nested tables (per transport) flatten to "transports.shm.bytes_in".
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                flat[prefix] = value
+
+        walk("", stats)
+        width = max(len(k) for k in flat)
+        for key in sorted(flat):
+            print(f"{key:<{width}}  {flat[key]}")
     return 0
 
 

@@ -9,8 +9,13 @@ from typing import Any
 from kvpool import _core
 from kvpool._closing import Closing
 from kvpool.errors import InvalidArgumentError, KVPoolConnectionError
+from kvpool.staging import StagingArena
 
-__all__ = ["Client", "parse_address"]
+__all__ = ["TRANSPORTS", "Client", "parse_address"]
+
+#: Values of ``transport``: "auto" takes shared memory when the node serves it on this host
+#: (falling back to TCP, logged once, when that fails), "tcp" and "shm" force one.
+TRANSPORTS = ("auto", "tcp", "shm")
 
 # protocol::PutStatus
 _STORED, _EXISTS = 0, 1
@@ -44,6 +49,10 @@ class Client(Closing):
     Every call is batched (a batch larger than the node's limits is split and pipelined), has a
     deadline of ``timeout`` seconds, and releases the GIL while it waits. Thread-safe; concurrent
     calls use separate connections. Errors raise :class:`kvpool.KVPoolError` subclasses.
+
+    ``transport`` picks how block bytes cross (:data:`TRANSPORTS`); :attr:`transport` tells
+    which one is in use. On shared memory, buffers from :meth:`staging_buffer` (or from the
+    ``arena`` passed in) cross with a single copy, done by the node.
     """
 
     def __init__(
@@ -53,16 +62,46 @@ class Client(Closing):
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_idle_connections: int = 8,
+        transport: str = "auto",
+        arena: StagingArena | None = None,
     ) -> None:
         if timeout <= 0 or connect_timeout <= 0:
             raise InvalidArgumentError(
                 f"timeout ({timeout}) and connect_timeout ({connect_timeout}) must be > 0"
             )
+        if transport not in TRANSPORTS:
+            raise InvalidArgumentError(
+                f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}"
+            )
         host, port = parse_address(address)
         self.address = address
+        self._arena = arena
         self._handle: Any = _core.Client(
-            host, port, int(timeout * 1000), int(connect_timeout * 1000), max_idle_connections
+            host,
+            port,
+            int(timeout * 1000),
+            int(connect_timeout * 1000),
+            max_idle_connections,
+            transport,
+            arena._native if arena is not None else None,
         )
+
+    @property
+    def transport(self) -> str:
+        """The transport of the most recent connection: ``"tcp"`` or ``"shm"``."""
+        return str(self._native.transport)
+
+    @property
+    def arena(self) -> StagingArena:
+        """The staging arena (the one passed in, else the client's own, made on first use)."""
+        if self._arena is None:
+            self._arena = StagingArena(_native=self._native.arena())
+        return self._arena
+
+    def staging_buffer(self, nbytes: int) -> memoryview:
+        """A writable buffer of ``nbytes`` in the client's arena: ``put`` and ``get_into`` with
+        it are zero-copy on shared memory (and ordinary buffers on TCP)."""
+        return self.arena.buffer(nbytes)
 
     @property
     def _native(self) -> Any:
@@ -120,4 +159,5 @@ class Client(Closing):
         self._handle = None
 
     def __repr__(self) -> str:
-        return f"kvpool.Client({self.address!r})"
+        transport = self._handle.transport if self._handle is not None else "closed"
+        return f"kvpool.Client({self.address!r}, transport={transport!r})"

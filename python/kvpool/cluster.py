@@ -14,9 +14,10 @@ import redis
 
 from kvpool import _core
 from kvpool._closing import Closing
-from kvpool.client import Client
+from kvpool.client import TRANSPORTS, Client
 from kvpool.errors import InstallError, InvalidArgumentError, KVPoolError
 from kvpool.metadata import Member, Registry, load_library
+from kvpool.staging import StagingArena
 
 __all__ = ["Cluster"]
 
@@ -37,6 +38,10 @@ class Cluster(Closing):
     nodes when Redis is unreachable. All nodes of a call are contacted in parallel and the call
     returns by its deadline: a dead or slow node turns into misses, never into an exception or a
     hang. The member view is refreshed only when the cluster epoch moves.
+
+    ``transport`` is chosen per member: shared memory for nodes that advertise it on this host
+    (``"auto"`` falls back to TCP when it fails, ``"shm"`` does not), TCP for the rest. All members
+    share one staging ``arena``: a buffer from :meth:`staging_buffer` is zero-copy to each of them.
     """
 
     def __init__(
@@ -47,9 +52,18 @@ class Cluster(Closing):
         timeout: float = 5.0,
         replicas: int = 0,
         max_workers: int = 16,
+        transport: str = "auto",
+        arena: StagingArena | None = None,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout}")
+        if transport not in TRANSPORTS:
+            raise InvalidArgumentError(
+                f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}"
+            )
+        self.transport = transport
+        self._arena = arena
+        self._host_id = _core.host_id()
         if replicas < 0:
             raise InvalidArgumentError(f"replicas must be >= 0, got {replicas}")
         self.timeout = timeout
@@ -80,6 +94,24 @@ class Cluster(Closing):
             log.warning("cluster %s: redis unavailable at start (%s)", cluster, e)
 
     # -- view ------------------------------------------------------------------------------
+
+    @property
+    def arena(self) -> StagingArena:
+        """The staging arena every member's client shares (made on first use)."""
+        with self._lock:
+            if self._arena is None:
+                self._arena = StagingArena()
+            return self._arena
+
+    def staging_buffer(self, nbytes: int) -> memoryview:
+        """A writable buffer in :attr:`arena`: zero-copy to every same-host member."""
+        return self.arena.buffer(nbytes)
+
+    def transports(self) -> dict[str, str]:
+        """The transport in use per connected member (node id -> "tcp" / "shm")."""
+        with self._lock:
+            by_entry = {m.entry: m.node_id for m in self._members}
+            return {by_entry.get(e, e): c.transport for e, c in self._clients.items()}
 
     def members(self) -> list[Member]:
         """The live nodes (refreshed when the epoch moved)."""
@@ -127,8 +159,17 @@ class Cluster(Closing):
             return client
         if self._suspect.get(entry, 0.0) > time.monotonic():
             return None
+        shm = m.shm
+        same_host = shm is not None and shm[0] == self._host_id
+        transport = self.transport if same_host else "tcp"
         try:
-            client = Client(m.address, timeout=self.timeout, connect_timeout=min(self.timeout, 1.0))
+            client = Client(
+                m.address,
+                timeout=self.timeout,
+                connect_timeout=min(self.timeout, 1.0),
+                transport=transport,
+                arena=self.arena if transport != "tcp" else None,
+            )
         except KVPoolError as e:
             log.info("node %s (%s) unreachable: %s", m.node_id, m.address, e)
             self._suspect[entry] = time.monotonic() + _SUSPECT_SECONDS

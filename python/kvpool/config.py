@@ -49,6 +49,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+#: What a node can serve in this build (RDMA joins with its transport).
+SERVER_TRANSPORTS = ("tcp", "shm")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -194,6 +196,24 @@ class ServerConfig(_Settings):
     node_id: str = ""  #: default: derived from the advertised address
     advertise: str = ""  #: host:port clients use to reach this node; default host:port
     lease_ttl: float = 3.0
+    #: Transports served, comma-separated: "tcp" always (discovery and remote clients), "shm"
+    #: for same-host clients over the unix-domain socket ``shm_socket``.
+    transports: str = "tcp,shm"
+    #: Default: $XDG_RUNTIME_DIR (else /tmp) /kvpool-<uid>/node-<host>-<port>.sock.
+    shm_socket: str = ""
+    #: Uids and gids (comma-separated) allowed on the shared-memory socket besides the node's
+    #: own uid and root.
+    shm_allow_uids: str = ""
+    shm_allow_gids: str = ""
+    #: The newest wire protocol version the node speaks (1 or 2). 1 serves TCP only, exactly as
+    #: a v1 node did: for a rolling downgrade, or to test a client against an old node.
+    protocol_version: int = 2
+
+    def transport_list(self) -> list[str]:
+        return [t.strip() for t in self.transports.split(",") if t.strip()]
+
+    def allowed_ids(self, key: str) -> list[int]:
+        return [int(v) for v in getattr(self, key).split(",") if v.strip()]
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -210,6 +230,27 @@ class ServerConfig(_Settings):
         if self.lease_ttl < 0.3:
             raise ConfigError(f"lease_ttl must be >= 0.3 seconds, got {self.lease_ttl}")
         _check_redis_url("redis", self.redis)
+        if self.protocol_version not in (1, 2):
+            raise ConfigError(f"protocol_version must be 1 or 2, got {self.protocol_version}")
+        served = self.transport_list()
+        unknown = [t for t in served if t not in SERVER_TRANSPORTS]
+        if unknown or "tcp" not in served:
+            raise ConfigError(
+                f"transports = {self.transports!r}: a comma list of {', '.join(SERVER_TRANSPORTS)}"
+                " that includes tcp"
+            )
+        bad = [c for c in ',|"\\\n' if c in self.shm_socket]
+        if bad or len(self.shm_socket.encode()) > 107:
+            raise ConfigError(
+                f'shm_socket = {self.shm_socket!r}: a path of at most 107 bytes without , | " \\'
+            )
+        for key in ("shm_allow_uids", "shm_allow_gids"):
+            try:
+                ids = self.allowed_ids(key)
+            except ValueError:
+                ids = [-1]
+            if any(not 0 <= i < 1 << 32 for i in ids):
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is not a comma list of ids")
 
 
 @dataclass
@@ -232,6 +273,12 @@ class ConnectorConfig(_Settings):
     #: The model's name in block keys; default: vLLM's model name or path. Set it when engines
     #: load the same weights from different paths.
     model_id: str = ""
+    #: How block bytes cross to each node: "auto" (shared memory to nodes on this host, TCP to
+    #: the rest), "tcp", or "shm" (same-host nodes must take shared memory, no fallback).
+    transport: str = _choice("auto", ("auto", "tcp", "shm"))
+    #: The worker's staging arena (shared with same-host nodes); loads and saves that do not fit
+    #: use ordinary memory, whose bytes cross on the socket instead.
+    staging_bytes: int = _size(256 << 20)
 
     def validate(self) -> None:
         _check_redis_url("redis_url", self.redis_url)

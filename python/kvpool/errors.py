@@ -26,6 +26,7 @@ class ErrorCode(IntEnum):
     UNKNOWN_OP = 405
     BAD_FRAME = 406
     HANDSHAKE_REQUIRED = 407
+    UNAUTHORIZED = 408
 
 
 class KVPoolError(Exception):
@@ -79,6 +80,12 @@ class ProtocolError(KVPoolError):
     code = ErrorCode.PROTOCOL
 
 
+class UnauthorizedError(KVPoolError, PermissionError):
+    """The node refused this peer (shared memory: its uid/gid is not allowed on the socket)."""
+
+    code = ErrorCode.UNAUTHORIZED
+
+
 class InstallError(KVPoolError):
     """A piece of the installed package is missing or broken (the C++ extension, the Redis
     Functions library, a declared dependency); the message names it and how to get it."""
@@ -110,6 +117,7 @@ _BY_CODE: dict[int, type[KVPoolError]] = {
     ErrorCode.CONNECTION: KVPoolConnectionError,
     ErrorCode.CLOSED: KVPoolConnectionError,
     ErrorCode.TIMEOUT: KVPoolTimeoutError,
+    ErrorCode.UNAUTHORIZED: UnauthorizedError,
 }
 
 

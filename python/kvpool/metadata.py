@@ -185,6 +185,20 @@ class Member:
     def weight(self) -> float:
         return float(max(self.capacity, 1))
 
+    @property
+    def shm(self) -> tuple[str, str] | None:
+        """(host id, socket path) when the node serves shared memory, else None."""
+        for t in self.transports:
+            name, _, where = t.partition("=")
+            host, sep, path = where.partition(":")
+            if name == "shm" and sep:
+                return host, path
+        return None
+
+    def transport_names(self) -> tuple[str, ...]:
+        """``("tcp", "shm")``: the transports without their endpoints."""
+        return tuple(t.partition("=")[0] for t in self.transports)
+
     @staticmethod
     def parse(node_id: str, info: str, lease_expiry_ms: int = 0) -> Member:
         inc, address, transports, capacity, joined = info.split("|")

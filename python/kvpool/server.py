@@ -32,6 +32,11 @@ def _core_options(config: ServerConfig) -> Any:
     o.max_block_bytes = config.max_block_bytes
     o.max_connections = config.max_connections
     o.io_timeout_ms = max(1, int(config.io_timeout * 1000))
+    o.protocol_version = config.protocol_version
+    o.transports = config.transport_list() if config.protocol_version >= 2 else ["tcp"]
+    o.shm_socket = config.shm_socket
+    o.shm_allow_uids = config.allowed_ids("shm_allow_uids")
+    o.shm_allow_gids = config.allowed_ids("shm_allow_gids")
     if config.redis:
         o.event_capacity = 1 << 18  # drained every publish interval; overflow forces a resync
     return o
@@ -58,6 +63,19 @@ class LocalServer(Closing):
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def shm_socket(self) -> str:
+        """The shared-memory socket's path ("" when shared memory is not served)."""
+        return str(self._server.shm_socket)
+
+    def advertised_transports(self) -> str:
+        """The membership record's transport list: ``tcp`` and, when served,
+        ``shm=<host id>:<socket path>``."""
+        served = ["tcp"]
+        if self.shm_socket:
+            served.append(f"shm={_core.host_id()}:{self.shm_socket}")
+        return ",".join(served)
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self._server.stats_json())
@@ -90,11 +108,12 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     node = LocalServer(config)
     log.info(
-        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s)",
+        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s, shm=%s)",
         node.address,
         config.memory,
         config.eviction,
         node.stats().get("hugepages"),
+        node.shm_socket or "off",
     )
     agent = None
     if config.redis:
@@ -110,6 +129,7 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
             address=advertise,
             capacity=config.memory,
             lease_ttl=config.lease_ttl,
+            transports=node.advertised_transports(),
         )
         agent.start()
     if ready is not None:

@@ -26,7 +26,7 @@ Header RawOp(uint8_t op) {
 }
 
 ErrorCode CodeOf(const Header& h, const Limits& limits = Limits{}) {
-  return ValidateRequestHeader(h, limits).code();
+  return ValidateRequestHeader(h, limits, 2).code();
 }
 
 const Op kKeyOps[] = {Op::kGet, Op::kExists, Op::kMatchPrefix, Op::kDelete};
@@ -68,21 +68,22 @@ TEST(Protocol, KnownOps) {
 
 TEST(Protocol, WellFormedRequestsPass) {
   const Limits limits;
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kHello, 0, kHelloRequestBytes), limits).ok());
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kStats, 0, 0), limits).ok());
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kHello, 0, kHelloRequestBytes), limits, 2).ok());
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kStats, 0, 0), limits, 2).ok());
   for (Op op : kKeyOps) {
     for (uint32_t count : {0u, 1u, 7u, limits.max_batch_keys}) {
       const Status s =
-          ValidateRequestHeader(Request(op, count, uint64_t{count} * kKeyBytes), limits);
+          ValidateRequestHeader(Request(op, count, uint64_t{count} * kKeyBytes), limits, 2);
       EXPECT_TRUE(s.ok()) << static_cast<int>(op) << " count " << count << ": " << s.ToString();
     }
   }
   // PUT: the table plus any payload up to the frame limit.
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 0, 0), limits).ok());
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 1, kPutEntryBytes), limits).ok());
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 3, 3 * kPutEntryBytes + 4096), limits).ok());
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 0, 0), limits, 2).ok());
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 1, kPutEntryBytes), limits, 2).ok());
+  EXPECT_TRUE(
+      ValidateRequestHeader(Request(Op::kPut, 3, 3 * kPutEntryBytes + 4096), limits, 2).ok());
   EXPECT_TRUE(ValidateRequestHeader(
-                  Request(Op::kPut, limits.max_batch_keys, limits.max_frame_bytes), limits)
+                  Request(Op::kPut, limits.max_batch_keys, limits.max_frame_bytes), limits, 2)
                   .ok());
 }
 
@@ -90,7 +91,7 @@ TEST(Protocol, BadMagic) {
   for (uint32_t magic : {0u, 0x3150564Cu, 0x4B565031u /* big-endian "KVP1" */, 0xffffffffu}) {
     Header h = Request(Op::kStats, 0, 0);
     h.magic = magic;
-    const Status s = ValidateRequestHeader(h, Limits{});
+    const Status s = ValidateRequestHeader(h, Limits{}, 2);
     EXPECT_EQ(s.code(), ErrorCode::kBadMagic) << magic;
     EXPECT_FALSE(s.message().empty());
   }
@@ -98,7 +99,7 @@ TEST(Protocol, BadMagic) {
 
 TEST(Protocol, UnknownOp) {
   for (int op : {0, 8, 9, 100, 255}) {
-    const Status s = ValidateRequestHeader(RawOp(static_cast<uint8_t>(op)), Limits{});
+    const Status s = ValidateRequestHeader(RawOp(static_cast<uint8_t>(op)), Limits{}, 2);
     EXPECT_EQ(s.code(), ErrorCode::kUnknownOp) << op;
     EXPECT_NE(s.message().find(std::to_string(op)), std::string::npos) << s.message();
   }
@@ -107,7 +108,7 @@ TEST(Protocol, UnknownOp) {
 TEST(Protocol, NonZeroFlagsReservedOrStatus) {
   for (Op op : {Op::kHello, Op::kPut, Op::kGet, Op::kStats}) {
     Header h = Request(op, 0, op == Op::kHello ? kHelloRequestBytes : 0);
-    ASSERT_TRUE(ValidateRequestHeader(h, Limits{}).ok());
+    ASSERT_TRUE(ValidateRequestHeader(h, Limits{}, 2).ok());
     Header f = h;
     f.flags = kFlagError;
     EXPECT_EQ(CodeOf(f), ErrorCode::kBadFrame);
@@ -129,14 +130,14 @@ TEST(Protocol, NonZeroFlagsReservedOrStatus) {
 TEST(Protocol, BodyTooLarge) {
   Limits limits;
   limits.max_frame_bytes = 1 << 20;
-  const Status s = ValidateRequestHeader(Request(Op::kPut, 1, (1 << 20) + 1), limits);
+  const Status s = ValidateRequestHeader(Request(Op::kPut, 1, (1 << 20) + 1), limits, 2);
   EXPECT_EQ(s.code(), ErrorCode::kFrameTooLarge);
   EXPECT_NE(s.message().find(std::to_string((1 << 20) + 1)), std::string::npos) << s.message();
   for (Op op : {Op::kHello, Op::kGet, Op::kStats, Op::kDelete}) {
     EXPECT_EQ(CodeOf(Request(op, 0, ~uint64_t{0}), limits), ErrorCode::kFrameTooLarge);
   }
   // Exactly the limit is allowed.
-  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 1, 1 << 20), limits).ok());
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kPut, 1, 1 << 20), limits, 2).ok());
 }
 
 TEST(Protocol, BatchTooLarge) {
@@ -146,9 +147,9 @@ TEST(Protocol, BatchTooLarge) {
     const uint64_t per_key = op == Op::kPut ? kPutEntryBytes : kKeyBytes;
     EXPECT_EQ(CodeOf(Request(op, 65, 65 * per_key), limits), ErrorCode::kBatchTooLarge);
     EXPECT_EQ(CodeOf(Request(op, 0xffffffffu, 0), limits), ErrorCode::kBatchTooLarge);
-    EXPECT_TRUE(ValidateRequestHeader(Request(op, 64, 64 * per_key), limits).ok());
+    EXPECT_TRUE(ValidateRequestHeader(Request(op, 64, 64 * per_key), limits, 2).ok());
   }
-  const Status s = ValidateRequestHeader(Request(Op::kGet, 65, 65 * kKeyBytes), limits);
+  const Status s = ValidateRequestHeader(Request(Op::kGet, 65, 65 * kKeyBytes), limits, 2);
   EXPECT_NE(s.message().find("65"), std::string::npos) << s.message();
 }
 
@@ -189,12 +190,75 @@ TEST(Protocol, StatsWithKeysIsBadFrame) {
   EXPECT_EQ(CodeOf(Request(Op::kStats, 3, 3 * kKeyBytes)), ErrorCode::kBadFrame);
 }
 
+// A node that speaks only v1 takes exactly 8 bytes; v2 takes extensions up to kMaxHelloBytes.
 TEST(Protocol, HelloBodySize) {
+  Limits v1;
+  v1.version = 1;
   for (uint64_t body : {0, 1, 7, 9, 16, 24}) {
-    const Status s = ValidateRequestHeader(Request(Op::kHello, 0, body), Limits{});
+    const Status s = ValidateRequestHeader(Request(Op::kHello, 0, body), v1, 0);
     EXPECT_EQ(s.code(), ErrorCode::kBadFrame) << body;
     EXPECT_NE(s.message().find(std::to_string(body)), std::string::npos) << s.message();
   }
+  for (uint64_t body : {uint64_t{0}, uint64_t{7}, uint64_t{kMaxHelloBytes + 1}}) {
+    const Status s = ValidateRequestHeader(Request(Op::kHello, 0, body), Limits{}, 0);
+    EXPECT_EQ(s.code(), ErrorCode::kBadFrame) << body;
+    EXPECT_NE(s.message().find(std::to_string(body)), std::string::npos) << s.message();
+  }
+  for (uint64_t body : {uint64_t{8}, uint64_t{9}, uint64_t{kMaxHelloBytes}}) {
+    EXPECT_TRUE(ValidateRequestHeader(Request(Op::kHello, 0, body), Limits{}, 0).ok()) << body;
+  }
+}
+
+// The described flag (v2) is allowed on PUT and GET only, and changes their entry sizes.
+TEST(Protocol, DescribedFlag) {
+  Header h = Request(Op::kGet, 2, 2 * kDescribedGetEntryBytes);
+  h.flags = kFlagDescribed;
+  EXPECT_TRUE(ValidateRequestHeader(h, Limits{}, 2).ok());
+  EXPECT_EQ(ValidateRequestHeader(h, Limits{}, 1).code(), ErrorCode::kBadFrame);
+  h.body_bytes = 2 * kKeyBytes;
+  EXPECT_EQ(ValidateRequestHeader(h, Limits{}, 2).code(), ErrorCode::kBadFrame);
+  Header put = Request(Op::kPut, 2, 2 * kDescribedPutEntryBytes);
+  put.flags = kFlagDescribed;
+  EXPECT_TRUE(ValidateRequestHeader(put, Limits{}, 2).ok());
+  put.body_bytes = 2 * kDescribedPutEntryBytes - 1;
+  EXPECT_EQ(ValidateRequestHeader(put, Limits{}, 2).code(), ErrorCode::kBadFrame);
+  for (Op op : {Op::kExists, Op::kDelete, Op::kMatchPrefix}) {
+    Header q = Request(op, 1, kKeyBytes);
+    q.flags = kFlagDescribed;
+    EXPECT_EQ(ValidateRequestHeader(q, Limits{}, 2).code(), ErrorCode::kBadFrame);
+  }
+}
+
+TEST(Protocol, ExtensionsRoundTripAndOverrunsAreBadFrames) {
+  std::string body;
+  AppendExt(body, Ext::kNodeId, "0123456789abcdef");
+  AppendExt(body, static_cast<Ext>(99), "");
+  AppendExt(body, Ext::kTransport, std::string(1, '\1'));
+  std::vector<std::pair<uint16_t, std::string>> seen;
+  auto bytes = std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(body.data()), body.size());
+  ASSERT_TRUE(ForEachExt(bytes, [&](uint16_t t, std::string_view v) {
+                seen.emplace_back(t, std::string(v));
+                return Status::Ok();
+              }).ok());
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(seen[0].second, "0123456789abcdef");
+  EXPECT_EQ(seen[1].first, 99);
+  EXPECT_EQ(seen[2].second, std::string(1, '\1'));
+  auto ignore = [](uint16_t, std::string_view) { return Status::Ok(); };
+  for (size_t cut = 1; cut < body.size(); ++cut) {
+    // Every strict prefix that ends inside an extension is refused, never read past.
+    const bool on_boundary = cut == kExtHeaderBytes + 16 || cut == 2 * kExtHeaderBytes + 16;
+    const Status s = ForEachExt(bytes.first(cut), ignore);
+    EXPECT_EQ(s.ok(), on_boundary) << cut;
+    if (!s.ok()) EXPECT_EQ(s.code(), ErrorCode::kBadFrame);
+  }
+  std::string nonzero = body;
+  nonzero[2] = 1;  // the u16 after the type must be zero
+  EXPECT_EQ(ForEachExt(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(nonzero.data()),
+                                                nonzero.size()),
+                       ignore)
+                .code(),
+            ErrorCode::kBadFrame);
 }
 
 TEST(Protocol, ChecksRunInDocumentedOrder) {
@@ -222,7 +286,7 @@ TEST(Protocol, LargeCountsDoNotOverflow) {
   const uint32_t count = 0x10000000u;  // * 16 = 2^32: wraps to 0 in 32-bit arithmetic
   EXPECT_EQ(CodeOf(Request(Op::kGet, count, 0), limits), ErrorCode::kBadFrame);
   EXPECT_TRUE(
-      ValidateRequestHeader(Request(Op::kGet, count, uint64_t{count} * kKeyBytes), limits).ok());
+      ValidateRequestHeader(Request(Op::kGet, count, uint64_t{count} * kKeyBytes), limits, 2).ok());
   EXPECT_EQ(CodeOf(Request(Op::kPut, count, 0), limits), ErrorCode::kBadFrame);
 }
 

@@ -406,7 +406,7 @@ BAD_FRAMES = [
     ("put-batch-too-large", True, header(OP_PUT, count=1 << 31, body_bytes=1024), 404),
     ("get-before-hello", False, header(OP_GET, count=1, body_bytes=16), 407),
     ("stats-before-hello", False, header(OP_STATS), 407),
-    ("bad-version", False, header(OP_HELLO, body_bytes=8) + struct.pack("<II", 2, 3), 402),
+    ("bad-version", False, header(OP_HELLO, body_bytes=8) + struct.pack("<II", 3, 4), 402),
     ("hello-short-body", False, header(OP_HELLO, body_bytes=4), 406),
     ("flags-set", True, header(OP_STATS, flags=1), 406),
     ("reserved-set", True, header(OP_STATS, reserved=5), 406),

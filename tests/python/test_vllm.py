@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kvpool
 import pytest
 from conftest import (
     RedisProcess,
@@ -174,6 +175,19 @@ def engine_b(pool: Pool, engine_a: dict[str, Any]) -> dict[str, Any]:
     return pool.run("b")
 
 
+def transport_bytes(pool: Pool) -> dict[str, dict[str, int]]:
+    """Payload bytes each transport moved, summed over the cluster's nodes (asked over TCP)."""
+    total: dict[str, dict[str, int]] = {}
+    with Cluster(pool.redis.url, pool.name) as c:
+        for m in c.members():
+            with kvpool.Client(m.address, transport="tcp") as node:
+                for name, t in node.stats()["transports"].items():
+                    mine = total.setdefault(name, {"bytes_in": 0, "bytes_out": 0})
+                    mine["bytes_in"] += t["bytes_in"]
+                    mine["bytes_out"] += t["bytes_out"]
+    return total
+
+
 def full_blocks_before_last_token(prompt: list[int]) -> int:
     return (len(prompt) - 1) // BLOCK
 
@@ -198,6 +212,8 @@ def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(
     # Every full prompt block is stored once: the prefix, then each prompt's own full block.
     assert worker["saved_blocks"] == PREFIX_BLOCKS + 3, worker
     assert worker["save_errors"] == 0 and worker["loaded_blocks"] == 0
+    # Node and engine share this host: the saves crossed over shared memory.
+    assert transport_bytes(pool)["shm"]["bytes_in"] >= worker["saved_bytes"] > 0
     ns = pool.namespace("a")
     assert ns.attention_backend == "CPU_ATTN" and ns.kv_layout.startswith("paged/")
     assert ns.block_tokens == BLOCK and ns.tp_size == 1 and ns.dtype in ("bfloat16", "float32")
@@ -225,6 +241,20 @@ def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(
     assert worker["loaded_bytes"] == external_blocks * (worker["loaded_bytes"] // external_blocks)
     # Greedy outputs are bit-for-bit those of the engine that computed everything itself.
     assert pool.outputs("b") == pool.outputs("ref")
+    assert transport_bytes(pool)["shm"]["bytes_out"] >= worker["loaded_bytes"]
+
+
+def test_engine_forced_to_tcp_loads_the_same_blocks(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
+    before = transport_bytes(pool)
+    report = pool.run("b_tcp", extra={"transport": "tcp"})
+    after = transport_bytes(pool)
+    worker = report["connector"]["worker"]
+    assert worker["loaded_blocks"] == PREFIX_BLOCKS + 3 and worker["load_errors"] == 0, worker
+    assert pool.outputs("b_tcp") == pool.outputs("ref")
+    assert after["tcp"]["bytes_out"] - before["tcp"]["bytes_out"] >= worker["loaded_bytes"]
+    assert after["shm"]["bytes_out"] == before["shm"]["bytes_out"]  # nothing over shared memory
 
 
 def test_openai_server_with_the_flag_answers_with_hits(
@@ -435,6 +465,22 @@ def test_kv_events_and_stats_aggregate_across_ranks() -> None:
     assert s.reduce()["loaded_bytes"] == 40 and s.reduce()["load_GBps"] == 1.0
     s.reset()
     assert s.is_empty()
+
+
+def test_staging_pool_takes_arena_buffers_first() -> None:
+    import numpy as np
+    from kvpool.vllm.connector import _StagingPool
+
+    arena = kvpool.StagingArena(2 << 20)
+    pool = _StagingPool(arena)
+    a = pool.take(1 << 20)
+    assert arena.used_bytes == 1 << 20 and a.nbytes == 1 << 20 and a.flags.writeable
+    big = pool.take(2 << 20)  # no room left in the arena: ordinary memory
+    assert isinstance(big.base, np.ndarray) or big.base is None
+    pool.give(a)  # an arena buffer is not pooled: it goes back to the arena with its last view
+    assert not pool._free
+    del a
+    assert arena.used_bytes == 0
 
 
 def test_staging_pool_reuses_the_smallest_buffer_that_fits() -> None:

@@ -56,6 +56,7 @@ struct PinnedBlock {
 struct BlockStoreStats {
   uint64_t capacity_bytes = 0, used_bytes = 0, high_watermark_bytes = 0;
   uint64_t entries = 0, reserved_blocks = 0, pinned_blocks = 0;
+  uint64_t reserved_bytes = 0, pinned_bytes = 0;  ///< bytes of the blocks counted beside
   uint64_t hits = 0, misses = 0, stored = 0, existing = 0, rejected = 0, evictions = 0, deletes = 0;
   uint64_t bytes_in = 0, bytes_out = 0;
 };

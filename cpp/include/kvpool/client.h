@@ -10,9 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "kvpool/buffer.h"
 #include "kvpool/hashing.h"
 #include "kvpool/protocol.h"
+#include "kvpool/staging.h"
 #include "kvpool/status.h"
+#include "kvpool/transport.h"
 
 namespace kvpool {
 
@@ -20,21 +23,25 @@ namespace detail {
 class ClientConnection;
 }  // namespace detail
 
+/// Which transport a client uses. kAuto: shared memory when the node serves it on this host,
+/// else TCP, falling back to TCP (logged once, with the reason) when shared memory fails.
+enum class TransportChoice { kAuto, kTcp, kShm };
+/// "auto", "tcp" or "shm"; InvalidArgument naming the value otherwise.
+Result<TransportChoice> ParseTransportChoice(std::string_view name);
+
 struct ClientOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 0;
   uint32_t timeout_ms = 5000;          ///< Deadline of each call, from its start.
   uint32_t connect_timeout_ms = 2000;  ///< Bounded also by the call's deadline.
   uint32_t max_idle_connections = 8;   ///< Connections kept open between calls.
-};
-
-struct ConstBuffer {
-  const uint8_t* data;
-  size_t size;
-};
-struct MutableBuffer {
-  uint8_t* data;
-  size_t size;
+  TransportChoice transport = TransportChoice::kAuto;
+  /// Staging memory shared with the node over shared memory: buffers inside it cross with one
+  /// copy on the node, others ride inline on the socket. Null: the client makes one of
+  /// `arena_bytes` when it first uses shared memory. Share one arena among the clients of a
+  /// process (a Cluster does) so that one staging buffer is zero-copy to every same-host node.
+  std::shared_ptr<StagingArena> arena;
+  size_t arena_bytes = size_t{64} << 20;
 };
 
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,
@@ -73,20 +80,43 @@ class Client {
     return limits_;
   }
   std::string address() const;
+  /// The transport of the most recent connection.
+  TransportKind transport() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return last_kind_;
+  }
+  /// The staging arena (made on first use of shared memory; null before and on TCP-only).
+  std::shared_ptr<StagingArena> arena() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return arena_;
+  }
+  /// The arena, made now (of options.arena_bytes) if there is none yet.
+  Result<std::shared_ptr<StagingArena>> EnsureArena();
 
  private:
   using Connection = detail::ClientConnection;
   explicit Client(const ClientOptions& options);
   /// An idle pooled connection (when allowed and available) or a new one after HELLO.
   Result<std::unique_ptr<Connection>> Acquire(bool allow_idle);
+  Result<std::unique_ptr<Connection>> DialTcp(net::Deadline deadline);
+  Result<std::unique_ptr<Connection>> DialShm(net::Deadline deadline);
+  /// After the first HELLO: moves to shared memory when the node offers it on this host.
+  Status ChooseTransport(std::unique_ptr<Connection>& tcp, net::Deadline deadline);
+  void NoteFallback(const Status& why);
   void Release(std::unique_ptr<Connection> conn);
   /// Runs `fn` on a pooled connection; on error the connection is discarded, on success returned.
   Status WithConnection(const std::function<Status(Connection&)>& fn);
   /// Sends `keys` as pipelined frames of `op`; on_reply reads each reply's body (its header is
   /// already checked) for the frame starting at key `begin`.
+  /// With `buffers` (GET only) and a shared-memory connection, entries name the arena runs the
+  /// node should copy into.
   Status KeyRequest(
       protocol::Op op, std::span<const Key128> keys,
-      const std::function<Status(Connection&, size_t begin, const protocol::Header&)>& on_reply);
+      const std::function<Status(Connection&, size_t begin, const protocol::Header&)>& on_reply,
+      std::span<const MutableBuffer> buffers = {});
+  Status GetImpl(std::span<const Key128> keys, std::span<const MutableBuffer> buffers,
+                 const std::function<uint8_t*(size_t index, size_t size)>& dest,
+                 std::span<uint8_t> found);
   Status FlagRequest(protocol::Op op, std::span<const Key128> keys, std::span<uint8_t> flags);
   Status PutRange(std::span<const Key128> keys, std::span<const ConstBuffer> blocks,
                   std::span<uint8_t> statuses);
@@ -97,6 +127,12 @@ class Client {
   protocol::Limits limits_;
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Connection>> idle_;
+  std::shared_ptr<StagingArena> arena_;
+  bool use_shm_ = false;  // shared memory chosen at Connect
+  std::string shm_path_;  // the node's socket, as its last TCP HELLO named it
+  std::string node_id_;   // the node's identity, from its last TCP HELLO
+  bool fallback_logged_ = false;
+  TransportKind last_kind_ = TransportKind::kTcp;
 };
 
 }  // namespace kvpool

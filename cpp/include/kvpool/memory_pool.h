@@ -33,6 +33,9 @@ class MemoryPool {
   /// oversized capacity; NoSpace when the mapping fails (or hugepages are kOn and unavailable).
   static Result<std::unique_ptr<MemoryPool>> Create(size_t capacity,
                                                     HugePages huge = HugePages::kAuto);
+  /// An allocator over `capacity` bytes of memory the caller mapped and keeps mapped for the
+  /// pool's lifetime (the client's staging arena); the pool never unmaps it.
+  static Result<std::unique_ptr<MemoryPool>> Over(uint8_t* base, size_t capacity);
   ~MemoryPool();
   MemoryPool(const MemoryPool&) = delete;
   MemoryPool& operator=(const MemoryPool&) = delete;
@@ -66,7 +69,7 @@ class MemoryPool {
   uint8_t* base_;
   size_t granules_;
   bool hugepages_;
-  size_t mapped_bytes_;
+  size_t mapped_bytes_;  // 0: memory owned by the caller
   size_t used_granules_ = 0;
   // Per-granule boundary tags: the length of the run starting (head) or ending (tail) here.
   std::vector<uint32_t> head_len_, tail_len_;

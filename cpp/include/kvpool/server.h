@@ -1,6 +1,7 @@
 // The storage node's data path: a TCP listener serving the binary protocol from a BlockStore.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <list>
@@ -8,10 +9,12 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "kvpool/block_store.h"
 #include "kvpool/protocol.h"
 #include "kvpool/status.h"
+#include "kvpool/transport.h"
 
 namespace kvpool {
 
@@ -24,6 +27,14 @@ struct ServerOptions {
   /// A frame (request read or reply written) must complete within this once its header arrived;
   /// a writer that stalls longer is disconnected and its reservations freed.
   uint32_t io_timeout_ms = 30000;
+  /// Transports served. TCP is always served (it carries discovery and every client that is not
+  /// on this host); kShm adds the unix-domain socket below.
+  std::vector<TransportKind> transports = {TransportKind::kTcp, TransportKind::kShm};
+  /// The shared-memory socket. Empty: $XDG_RUNTIME_DIR (else /tmp)
+  /// /kvpool-<uid>/node-<host>-<port>.sock, in a directory only this uid can enter.
+  std::string shm_socket;
+  /// Peers allowed on the shared-memory socket besides this process's uid and root (SO_PEERCRED).
+  std::vector<uint32_t> shm_allow_uids, shm_allow_gids;
 };
 
 /// Serves the protocol on one listening socket. Each connection gets an I/O thread that reads
@@ -44,16 +55,27 @@ class Server {
   void Stop();
 
   uint16_t port() const { return port_; }
+  /// The shared-memory socket's path; empty when shared memory is not served.
+  const std::string& shm_socket() const { return shm_path_; }
+  /// 16 random bytes naming this node process (a client checks that the socket it found on its
+  /// host belongs to the node it asked).
+  const std::string& node_id() const { return node_id_; }
   const std::string& host() const { return options_.host; }
   BlockStore& store() { return *store_; }
   /// The STATS reply: store counters plus connection counts, as a JSON object.
   std::string StatsJson() const;
+
+  /// Per-transport counters (STATS "transports").
+  struct TransportCounters {
+    std::atomic<uint64_t> connections{0}, accepted{0}, bytes_in{0}, bytes_out{0};
+  };
 
  private:
   struct Connection;
   Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd,
          uint16_t port);
   void AcceptLoop();
+  void Admit(int fd, TransportKind listener);
   void Serve(Connection* conn);
   void ReapFinished();
 
@@ -61,6 +83,11 @@ class Server {
   std::unique_ptr<BlockStore> store_;
   int listen_fd_;
   uint16_t port_;
+  int shm_fd_ = -1;
+  std::string shm_path_;
+  int wake_[2] = {-1, -1};  // a pipe: Stop() wakes the accept loop through it
+  std::string node_id_;
+  std::array<TransportCounters, kTransportKinds> per_transport_;
   std::atomic<bool> stopping_{false};
   std::thread accept_thread_;
   mutable std::mutex conns_mu_;

@@ -33,6 +33,7 @@ enum class ErrorCode : int32_t {
   kUnknownOp = 405,
   kBadFrame = 406,
   kHandshakeRequired = 407,
+  kUnauthorized = 408,
 };
 
 /// Short stable name of an error code ("NoSpace", "Timeout", ...).

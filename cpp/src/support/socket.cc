@@ -6,6 +6,8 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -124,6 +126,138 @@ Result<Fd> Connect(const std::string& host, uint16_t port, Deadline deadline) {
       return Status(ErrorCode::kConnection, "connect " + where + ": " + std::strerror(err));
   }
   return fd;
+}
+
+namespace {
+
+Result<sockaddr_un> UnixAddress(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    return Status(ErrorCode::kInvalidArgument, "unix socket path '" + path + "' must be 1 to " +
+                                                   std::to_string(sizeof addr.sun_path - 1) +
+                                                   " bytes long");
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+}  // namespace
+
+Result<Fd> ListenUnix(const std::string& path, int backlog) {
+  auto addr = UnixAddress(path);
+  if (!addr.ok()) return addr.status();
+  struct stat st{};
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status(ErrorCode::kConnection,
+                    "unix socket path '" + path + "' exists and is not a socket");
+    }
+    Fd probe(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (probe.valid() && connect(probe.get(), reinterpret_cast<sockaddr*>(&addr.value()),
+                                 sizeof(sockaddr_un)) == 0) {
+      return Status(ErrorCode::kConnection,
+                    "unix socket '" + path + "' is in use by another process");
+    }
+    unlink(path.c_str());  // left behind by a process that died
+  }
+  Fd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Errno("socket");
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
+    return Status(ErrorCode::kConnection, "bind " + path + ": " + std::strerror(errno));
+  }
+  if (listen(fd.get(), backlog) != 0) return Errno("listen");
+  return fd;
+}
+
+Result<Fd> ConnectUnix(const std::string& path, Deadline deadline) {
+  auto addr = UnixAddress(path);
+  if (!addr.ok()) return addr.status();
+  Fd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return Errno("socket");
+  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
+    if (errno != EAGAIN && errno != EINPROGRESS) {
+      return Status(ErrorCode::kConnection, "connect " + path + ": " + std::strerror(errno));
+    }
+    // A full backlog: wait until the socket is writable, then read the outcome.
+    Status s = Wait(fd.get(), POLLOUT, deadline);
+    if (!s.ok()) return Status(s.code(), "connect " + path + ": timed out");
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0)
+      return Status(ErrorCode::kConnection, "connect " + path + ": " + std::strerror(err));
+  }
+  return fd;
+}
+
+Result<PeerCredentials> GetPeerCredentials(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return Errno("SO_PEERCRED");
+  return PeerCredentials{cred.pid, cred.uid, cred.gid};
+}
+
+Status SendAllWithFd(int fd, struct iovec* iov, size_t iovcnt, int pass_fd, Deadline deadline) {
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  while (true) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(iovcnt, IOV_MAX);
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+    const ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n >= 0) {
+      Advance(iov, iovcnt, static_cast<size_t>(n));
+      return SendAll(fd, iov, iovcnt, deadline);  // the descriptor went with the first bytes
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      KVPOOL_RETURN_IF_ERROR(Wait(fd, POLLOUT, deadline));
+    } else if (errno != EINTR) {
+      return Errno("sendmsg");
+    }
+  }
+}
+
+Status RecvAllKeepFds(int fd, void* buf, size_t n, Deadline deadline, std::vector<Fd>* fds,
+                      size_t max_fds) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))];
+    iovec iov{p, n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    const ssize_t got = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+    if (got > 0) {
+      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; ++i) {
+          int passed;
+          std::memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+          Fd owned(passed);
+          if (fds->size() < max_fds) fds->push_back(std::move(owned));
+        }
+      }
+      p += got;
+      n -= static_cast<size_t>(got);
+    } else if (got == 0) {
+      return Status(ErrorCode::kClosed, "connection closed by peer");
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      KVPOOL_RETURN_IF_ERROR(Wait(fd, POLLIN, deadline));
+    } else if (errno != EINTR) {
+      return Errno("recvmsg");
+    }
+  }
+  return Status::Ok();
 }
 
 Status RecvAllV(int fd, struct iovec* iov, size_t iovcnt, Deadline deadline) {

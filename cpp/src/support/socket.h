@@ -4,30 +4,15 @@
 
 #include <sys/uio.h>
 
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "kvpool/deadline.h"
 #include "kvpool/status.h"
 
 namespace kvpool::net {
-
-using Clock = std::chrono::steady_clock;
-
-/// A point in time after which I/O gives up with Timeout; Never() waits forever.
-class Deadline {
- public:
-  static Deadline Never() { return Deadline(Clock::time_point::max()); }
-  static Deadline In(std::chrono::milliseconds ms) { return Deadline(Clock::now() + ms); }
-  /// Milliseconds left for poll(): -1 for never, 0 once passed.
-  int PollTimeoutMs() const;
-  bool never() const { return at_ == Clock::time_point::max(); }
-
- private:
-  explicit Deadline(Clock::time_point at) : at_(at) {}
-  Clock::time_point at_;
-};
 
 /// RAII file descriptor.
 class Fd {
@@ -65,6 +50,24 @@ Result<Fd> Listen(const std::string& host, uint16_t port, int backlog);
 uint16_t LocalPort(int fd);
 /// Connects with a timeout; the socket comes back non-blocking and tuned.
 Result<Fd> Connect(const std::string& host, uint16_t port, Deadline deadline);
+
+/// Listens on a unix-domain stream socket at `path`. A stale socket file (nobody accepts on it)
+/// is replaced; a live one is an error naming the path.
+Result<Fd> ListenUnix(const std::string& path, int backlog);
+/// Connects to a unix-domain stream socket; the socket comes back non-blocking.
+Result<Fd> ConnectUnix(const std::string& path, Deadline deadline);
+struct PeerCredentials {
+  int pid = -1;
+  uint32_t uid = ~0u, gid = ~0u;
+};
+/// SO_PEERCRED of a connected unix-domain socket.
+Result<PeerCredentials> GetPeerCredentials(int fd);
+/// Like SendAll, with `pass_fd` attached (SCM_RIGHTS) to the first byte.
+Status SendAllWithFd(int fd, struct iovec* iov, size_t iovcnt, int pass_fd, Deadline deadline);
+/// Like RecvAll on a unix-domain socket, keeping descriptors passed with the bytes (at most
+/// `max_fds` are kept in `fds`; others are closed).
+Status RecvAllKeepFds(int fd, void* buf, size_t n, Deadline deadline, std::vector<Fd>* fds,
+                      size_t max_fds);
 
 /// Reads exactly `n` bytes. Closed on EOF, Timeout past the deadline, Connection on socket errors.
 Status RecvAll(int fd, void* buf, size_t n, Deadline deadline);

@@ -51,6 +51,7 @@ from kvpool.config import ConnectorConfig
 from kvpool.copy import CopyEngine, cpu_engine
 from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import Namespace, block_keys
+from kvpool.staging import StagingArena
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -255,6 +256,11 @@ def load_config(vllm_config: VllmConfig) -> ConnectorConfig:
 class _StagingPool:
     """Staging memory that is reused instead of allocated per load and per save.
 
+    Buffers come from the cluster's staging arena while it has room: same-host nodes copy
+    straight between it and their pools (shared memory), so a load or save costs the worker one
+    gather or scatter and nothing else. Arena buffers return to it when their last view is
+    dropped. Past the arena, ordinary buffers are pooled as below (their bytes cross on sockets).
+
     A fresh allocation of tens of MiB is faulted in page by page by the first copy into it (twice
     the copy's time), and with transparent huge pages on ``madvise`` (numpy asks for them) a fault
     may stall in direct compaction for tens of ms: both on the forward's critical path. Buffers come
@@ -265,13 +271,18 @@ class _StagingPool:
     miss or a failure the buffer is dropped (the late thread holds the last reference).
     """
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, arena: StagingArena | None = None, keep: int = 4) -> None:
+        self._arena = arena
         self._free: list[np.ndarray] = []
         self._keep = keep
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> np.ndarray:
         """A buffer of exactly ``nbytes`` (a view of a pooled one when one is large enough)."""
+        if self._arena is not None:
+            view = self._arena.try_buffer(nbytes)
+            if view is not None:
+                return np.frombuffer(view, dtype=np.uint8)
         with self._lock:
             # By index, never list.remove: == on arrays compares elements.
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
@@ -282,7 +293,8 @@ class _StagingPool:
 
     def give(self, buf: np.ndarray) -> None:
         whole = buf if buf.base is None else buf.base
-        assert isinstance(whole, np.ndarray)
+        if not isinstance(whole, np.ndarray):
+            return  # an arena buffer: back in the arena once the last view goes
         with self._lock:
             self._free.append(whole)
             if len(self._free) > self._keep:
@@ -313,11 +325,19 @@ class KVPoolConnector(KVConnectorBase_V1):
             raise ConfigError("KVPoolConnector does not support pipeline parallelism yet")
         self.block_size = int(vllm_config.cache_config.block_size)
         self.namespace = connector_namespace(vllm_config, self.config.model_id)
+        # The worker's staging memory: one arena that every same-host node maps (shared memory).
+        arena = (
+            None
+            if role == KVConnectorRole.SCHEDULER or self.config.transport == "tcp"
+            else StagingArena(self.config.staging_bytes)
+        )
         self.cluster = Cluster(
             self.config.redis_url,
             self.config.cluster,
             timeout=self.config.timeout,
             replicas=self.config.replicas,
+            transport=self.config.transport,
+            arena=arena,
         )
         self._stats = KVPoolConnectorStats()  # since vLLM last asked
         self.totals = KVPoolConnectorStats()  # since start (never reset)
@@ -345,7 +365,7 @@ class KVPoolConnector(KVConnectorBase_V1):
                 queue.Queue()
             )
             self._pending_bytes = 0
-            self._staging = _StagingPool()
+            self._staging = _StagingPool(arena)
             self._saver = threading.Thread(target=self._save_loop, name="kvpool-save", daemon=True)
             self._saver.start()
         log.info(
