@@ -34,10 +34,9 @@ Result<TransportKind> ParseTransportKind(std::string_view name) {
 Status Link::CheckRuns(std::span<const PeerBuffer> runs) {
   for (size_t i = 0; i < runs.size(); ++i) {
     if (runs[i].described()) {
-      return Status(ErrorCode::kBadFrame, "entry " + std::to_string(i) +
-                                              " names peer memory, but this " +
-                                              TransportKindName(kind()) +
-                                              " connection registered none");
+      return Status(ErrorCode::kBadFrame,
+                    "entry " + std::to_string(i) + " names peer memory, but this " +
+                        TransportKindName(kind()) + " connection registered none");
     }
   }
   return Status::Ok();

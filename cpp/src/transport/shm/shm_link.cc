@@ -34,9 +34,9 @@ Result<std::unique_ptr<ShmLink>> ShmLink::Open(int fd, int memfd, uint64_t bytes
   }
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
   if (p == MAP_FAILED) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "cannot map the passed arena of " + std::to_string(bytes) +
-                      " bytes: " + std::strerror(errno));
+    return Status(ErrorCode::kInvalidArgument, "cannot map the passed arena of " +
+                                                   std::to_string(bytes) +
+                                                   " bytes: " + std::strerror(errno));
   }
   return std::unique_ptr<ShmLink>(new ShmLink(fd, static_cast<uint8_t*>(p), bytes));
 }
@@ -49,16 +49,22 @@ Status ShmLink::CheckRuns(std::span<const PeerBuffer> runs) {
 
 Status ShmLink::ReadPeer(std::span<const PeerBuffer> from, std::span<const MutableBuffer> into) {
   for (size_t i = 0; i < from.size(); ++i) {
-    if (from[i].described() && into[i].data != nullptr) {
-      std::memcpy(into[i].data, base_ + from[i].addr, into[i].size);
+    if (!from[i].described() || into[i].data == nullptr) continue;
+    // CheckRuns validated from[i]; the destination is the block's reservation of that length.
+    if (into[i].size != from[i].size) {
+      return Status(ErrorCode::kInternal, "entry " + std::to_string(i) + ": reservation of " +
+                                              std::to_string(into[i].size) +
+                                              " bytes for a run of " +
+                                              std::to_string(from[i].size));
     }
+    std::memcpy(into[i].data, base_ + from[i].addr, from[i].size);
   }
   return Status::Ok();
 }
 
 Status ShmLink::WritePeer(std::span<const ConstBuffer> blocks, std::span<const PeerBuffer> to) {
   for (size_t i = 0; i < blocks.size(); ++i) {
-    if (blocks[i].data != nullptr && DeliveredInPeer(to[i], blocks[i].size)) {
+    if (blocks[i].data != nullptr && i < to.size() && DeliveredInPeer(to[i], blocks[i].size)) {
       std::memcpy(base_ + to[i].addr, blocks[i].data, blocks[i].size);
     }
   }
