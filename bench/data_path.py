@@ -5,7 +5,14 @@ Measures, on 127.0.0.1 only:
 
 - iperf3, one TCP stream over loopback: the link's limit, the denominator of every ratio;
 - memcpy, one thread, cold buffers (numpy copies of the same blocks): the other physical limit;
-- kvpool: a real ``kvpool server`` process; ``Client.put`` and zero-copy ``Client.get_into``;
+- kvpool over TCP: a real ``kvpool server`` process; ``Client(transport="tcp")``, ``put`` and
+  zero-copy ``get_into``;
+- kvpool over shared memory (``kvpool-shm``): a second ``kvpool server`` process; one client
+  thread with ``Client(transport="shm")``, PUT and GET from and into buffers of the client's
+  staging arena (``staging_buffer``: the node does the one copy), and the same with ordinary
+  numpy buffers (their bytes ride inline on the unix socket). Its rounds are interleaved with
+  single-thread memcpy rounds of the same bytes between the same buffers, the denominator of
+  its ratios (targets: >= 0.8x memcpy at 256 KiB and 2 MiB, GET and PUT);
 - Redis 7 through redis-py + hiredis: pipelined SET / GET of the same blocks;
 - Mooncake Store over TCP (when ``mooncake-transfer-engine-non-cuda`` imports): master, HTTP
   metadata server and a storage process, a client with registered buffers calling
@@ -21,7 +28,11 @@ each round one block per thread is compared byte for byte, so a broken path cann
 fast number. Each client thread has its own connection (its own ``kvpool.Client`` / Redis
 connection); Mooncake's threads share one store client, the way it is meant to be used.
 
+The CPU time of each server process (kvpool nodes, redis-server) is read from /proc/<pid>/stat
+(utime + stime, all threads) before and after every measured round and reported per GB moved.
+
 Usage:  python bench/data_path.py [--quick] [--sizes 64KiB,256KiB,2MiB] [--threads 1,4]
+            [--systems kvpool,kvpool-shm,redis,mooncake] [--shm-rounds 9]
 Results: a table on stdout, progress on stderr, everything in bench/results/data_path.json.
 """
 
@@ -60,11 +71,12 @@ from _util import (
     start_redis,
     wait_for_port,
 )
+from kvpool.errors import KVPoolError
 
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "data_path.json"
-SYSTEMS = ("kvpool", "redis", "mooncake")
+SYSTEMS = ("kvpool", "kvpool-shm", "redis", "mooncake")
 OPS = ("PUT", "GET")
 SOURCE_BYTES = 256 << 20  # random block contents, larger than any cache
 DEST_BYTES = 64 << 20  # per client thread: where GETs land
@@ -74,6 +86,31 @@ MOONCAKE_NOISE = r"^([IWE]\d{4} |WARNING: Logging before InitGoogleLogging)"
 
 class BenchError(RuntimeError):
     """A system answered wrongly (miss, short write, corrupt bytes): its numbers are void."""
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of process ``pid`` (live and exited), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        # The command name (field 2) may hold spaces; the fields after it are numbers.
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def host_steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted to run (all CPUs,
+    /proc/stat); 0 where the kernel does not count it."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +128,7 @@ class Plan:
     working_set_bytes: int  # what GETs read from, per block size
     iperf_seconds: int
     kvpool_memory: str
+    shm_rounds: int  # measured rounds of the shared-memory section (it is cheap; CPU ticks are not)
     mooncake_segment: int
     mooncake_warmup_bytes: int
 
@@ -163,6 +201,7 @@ class Conn(Protocol):
 class System(Protocol):
     name: str
     note: str
+    node_pid: int | None  # the server process whose CPU time is measured, when there is one
 
     def key(self, tag: str, i: int) -> Any: ...
 
@@ -178,10 +217,13 @@ def _check_all(what: str, results: Sequence[Any], ok: Callable[[Any], bool]) -> 
 
 
 class KVPoolConn:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, transport: str) -> None:
         import kvpool
 
-        self._client = kvpool.Client(address, timeout=60.0)
+        self._client = kvpool.Client(address, timeout=60.0, transport=transport)
+        self._client.stats()  # connects: ``transport`` tells the connection's kind from now on
+        if self._client.transport != transport:
+            raise BenchError(f"kvpool client asked for {transport}, got {self._client.transport}")
 
     def prepare(self, keys: list[Any], buffers: list[np.ndarray]) -> Any:
         return keys, buffers
@@ -204,18 +246,26 @@ class KVPoolConn:
         self._client.close()
 
 
+def kvpool_key(tag: str, i: int) -> bytes:
+    return hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest()
+
+
 class KVPoolSystem:
     name = "kvpool"
-    note = "kvpool server process; one kvpool.Client per thread; put() and get_into()"
+    note = (
+        "kvpool server process; one kvpool.Client(transport='tcp') per thread (the node also "
+        "serves shm, which 'auto' would pick); put() and get_into()"
+    )
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, node_pid: int) -> None:
         self.address = address
+        self.node_pid: int | None = node_pid
 
     def key(self, tag: str, i: int) -> Any:
-        return hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest()
+        return kvpool_key(tag, i)
 
     def connect(self) -> Conn:
-        return KVPoolConn(self.address)
+        return KVPoolConn(self.address, "tcp")
 
 
 class RedisConn:
@@ -260,8 +310,9 @@ class RedisSystem:
         "GET returns bytes objects (no copy into destination buffers)"
     )
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, node_pid: int) -> None:
         self.port = port
+        self.node_pid: int | None = node_pid
 
     def key(self, tag: str, i: int) -> Any:
         return f"{tag}/{i}".encode()
@@ -311,6 +362,7 @@ class MooncakeSystem:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        self.node_pid: int | None = None  # storage and master split the work; not measured
 
     def key(self, tag: str, i: int) -> Any:
         return f"{tag}/{i}"
@@ -335,6 +387,9 @@ class Cell:
     rounds_gbps: list[float]
     latency: LatencyStats
     verified_blocks: int
+    # The server process's CPU time summed over the measured rounds, and per GB they moved.
+    node_cpu_s: float | None = None
+    node_cpu_s_per_gb: float | None = None
 
 
 @dataclass
@@ -379,7 +434,7 @@ class Runner:
 
     def _round(
         self, op: str, size: int, threads: int, nb: int, r: int, ws_keys: list[Any]
-    ) -> tuple[float, list[float], int]:
+    ) -> tuple[float, list[float], int, float | None]:
         data, batch = self.data, self.plan.batch
         # Everything but the data movement is prepared here, outside the timed region.
         work: list[list[Any]] = []
@@ -437,11 +492,14 @@ class Runner:
                 errors.append(e)
                 barrier.abort()
 
+        pid = self.system.node_pid
+        cpu0 = process_cpu_seconds(pid) if pid else 0.0
         pool = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
         for th in pool:
             th.start()
         for th in pool:
             th.join()
+        node_cpu = process_cpu_seconds(pid) - cpu0 if pid else None
         if errors:
             raise errors[0]
         wall = max(e for _, e in spans) - min(s for s, _ in spans)
@@ -461,20 +519,24 @@ class Runner:
                 _verify(f"{self.system.name} GET", last[t][i], expect[t][-1][i])
         if round_keys:
             self._delete(round_keys)
-        return gbps, [x for ts in lat for x in ts], threads
+        return gbps, [x for ts in lat for x in ts], threads, node_cpu
 
     def cell(self, op: str, size: int, threads: int, ws_keys: list[Any]) -> Cell:
         plan = self.plan
         nb = plan.batches_per_thread(size, threads)
         rounds: list[float] = []
         lats: list[float] = []
+        cpus: list[float] = []
         verified = 0
         for r in range(-1, plan.rounds):  # round -1 warms up
-            gbps, lat, checked = self._round(op, size, threads, nb, r, ws_keys)
+            gbps, lat, checked, node_cpu = self._round(op, size, threads, nb, r, ws_keys)
             verified += checked
             if r >= 0:
                 rounds.append(gbps)
                 lats.extend(lat)
+                if node_cpu is not None:
+                    cpus.append(node_cpu)
+        moved_gb = len(rounds) * nb * threads * plan.batch * size / 1e9
         cell = Cell(
             op=op,
             threads=threads,
@@ -486,11 +548,18 @@ class Runner:
             rounds_gbps=rounds,
             latency=LatencyStats.of(lats),
             verified_blocks=verified,
+            node_cpu_s=sum(cpus) if cpus else None,
+            node_cpu_s_per_gb=sum(cpus) / moved_gb if cpus else None,
+        )
+        cpu_note = (
+            f", node CPU {cell.node_cpu_s_per_gb:.3f} s/GB"
+            if cell.node_cpu_s_per_gb is not None
+            else ""
         )
         log(
             f"  {self.system.name:8} {op} {format_size(size):>6} x{threads}: "
             f"{cell.gbps:6.2f} GB/s (rounds {', '.join(f'{g:.2f}' for g in rounds)}), "
-            f"p50 {cell.latency.p50_ms:.2f} ms, p99 {cell.latency.p99_ms:.2f} ms"
+            f"p50 {cell.latency.p50_ms:.2f} ms, p99 {cell.latency.p99_ms:.2f} ms{cpu_note}"
         )
         return cell
 
@@ -598,26 +667,47 @@ def run_memcpy(plan: Plan, data: Data) -> dict[str, Any]:
 # kvpool and Redis (in this process)
 
 
+def start_kvpool(procs: ProcessSet, plan: Plan) -> tuple[Any, str]:
+    """A ``kvpool server`` (TCP and shared memory, the defaults) on a free port, ready."""
+    argv = [sys.executable, "-m", "kvpool", "server", "--port", "0"]
+    argv += ["--memory", plan.kvpool_memory, "--log-level", "info"]
+    server = procs.start("kvpool server", argv)
+    m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
+    address = f"{m.group(1)}:{m.group(2)}"
+    log(f"kvpool server pid {server.pid} on {address} ({plan.kvpool_memory})")
+    return server, address
+
+
+def transport_counters(address: str, transport: str) -> dict[str, dict[str, int]]:
+    import kvpool
+
+    client = kvpool.Client(address, timeout=60.0, transport=transport)
+    try:
+        counters: dict[str, dict[str, int]] = client.stats()["transports"]
+        return counters
+    finally:
+        client.close()
+
+
+def counter_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    return {
+        t: {k: after[t][k] - before.get(t, {}).get(k, 0) for k in ("bytes_in", "bytes_out")}
+        for t in after
+    }
+
+
 def bench_kvpool(plan: Plan, data: Data, nonce: str) -> SystemResult:
-    argv = [
-        sys.executable,
-        "-m",
-        "kvpool",
-        "server",
-        "--port",
-        "0",
-        "--memory",
-        plan.kvpool_memory,
-        "--log-level",
-        "info",
-    ]
     with ProcessSet() as procs:
-        server = procs.start("kvpool server", argv)
-        m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
-        address = f"{m.group(1)}:{m.group(2)}"
-        log(f"kvpool server pid {server.pid} on {address} ({plan.kvpool_memory})")
-        result = measure(KVPoolSystem(address), plan, data, nonce)
+        server, address = start_kvpool(procs, plan)
+        before = transport_counters(address, "tcp")
+        result = measure(KVPoolSystem(address, server.pid), plan, data, nonce)
+        moved = counter_delta(before, transport_counters(address, "tcp"))
         server.check_alive()
+        if moved.get("shm", {}).get("bytes_in") or moved.get("shm", {}).get("bytes_out"):
+            raise BenchError(f"the TCP section moved bytes over shared memory: {moved}")
+        log(f"  kvpool node transport counters moved: {moved}")
         return result
 
 
@@ -634,9 +724,293 @@ def bench_redis(plan: Plan, data: Data, nonce: str) -> SystemResult:
         return SystemResult(False, reason="hiredis is not installed (pip install hiredis)")
     with ProcessSet() as procs:
         server, port = start_redis(procs)
-        result = measure(RedisSystem(port), plan, data, nonce)
+        result = measure(RedisSystem(port, server.pid), plan, data, nonce)
         server.check_alive()
         return result
+
+
+# --------------------------------------------------------------------------------------------
+# kvpool over shared memory (same host), against memcpy of the same bytes
+
+
+# Rows of the shared-memory table: (row, op, buffers). memcpy rows copy between the same staging
+# buffers and a large arena the way the node does: PUT reads the staging buffer and writes
+# memory that is not in cache, GET reads memory that is not in cache and writes the buffer.
+SHM_ROWS = (
+    ("memcpy PUT", "memcpy", "staging -> arena"),
+    ("shm PUT staging", "PUT", "staging"),
+    ("shm PUT ordinary", "PUT", "ordinary"),
+    ("memcpy GET", "memcpy", "arena -> staging"),
+    ("shm GET staging", "GET", "staging"),
+    ("shm GET ordinary", "GET", "ordinary"),
+)
+SHM_BASELINE = {"shm PUT staging": "memcpy PUT", "shm PUT ordinary": "memcpy PUT"}
+SHM_BASELINE |= {"shm GET staging": "memcpy GET", "shm GET ordinary": "memcpy GET"}
+SHM_TARGET = 0.8  # x memcpy, staging buffers, at these block sizes
+SHM_TARGET_SIZES = (256 << 10, 2 << 20)
+TCP_TARGET = 1.1  # x iperf3, one client thread
+
+
+@dataclass
+class ShmCell:
+    row: str
+    op: str  # PUT, GET or memcpy
+    buffers: str  # staging (zero-copy), ordinary (inline on the unix socket), memcpy direction
+    block_bytes: int
+    batch: int
+    batches_per_round: int
+    bytes_per_round: int
+    gbps: float  # median of rounds
+    rounds_gbps: list[float]
+    latency: LatencyStats | None  # per batch (kvpool rows)
+    node_cpu_s: float | None  # summed over the measured rounds (kvpool rows)
+    node_cpu_s_per_gb: float | None
+    client_cpu_s_per_gb: float  # this whole process, all its threads
+    verified_blocks: int
+
+
+@dataclass
+class _Round:
+    wall: float
+    node_cpu: float
+    client_cpu: float
+    lat: list[float]
+    verified: int
+
+
+class ShmBench:
+    """One client thread on shared memory; every round of every row is interleaved with the
+    others, so load that comes and goes shifts them alike."""
+
+    def __init__(self, client: Any, node_pid: int, plan: Plan, data: Data, nonce: str) -> None:
+        self.client = client
+        self.node_pid = node_pid
+        self.plan = plan
+        self.data = data
+        self.nonce = nonce
+        self.rng = np.random.default_rng()
+        self.arena = np.empty(SOURCE_BYTES, dtype=np.uint8)  # memcpy PUT's destination
+        self.arena.fill(0)
+
+    # One timed loop for all kvpool rows: node CPU, own CPU and batch latency around it.
+    def _timed(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> _Round:
+        lat: list[float] = []
+        cpu0, own0 = process_cpu_seconds(self.node_pid), own_cpu_seconds()
+        start = time.perf_counter()
+        for fn, args in calls:
+            t0 = time.perf_counter()
+            fn(*args)
+            lat.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - start
+        own = own_cpu_seconds() - own0
+        return _Round(wall, process_cpu_seconds(self.node_pid) - cpu0, own, lat, 0)
+
+    def _put(self, keys: list[bytes], blocks: list[Any]) -> None:
+        held = self.client.put(keys, blocks)
+        if held != len(keys):
+            raise BenchError(f"kvpool shm put held {held} of {len(keys)} blocks")
+
+    def _get(self, keys: list[bytes], dests: list[Any]) -> None:
+        _check_all("kvpool shm get_into", self.client.get_into(keys, dests), bool)
+
+    def _delete(self, keys: list[bytes]) -> None:
+        for chunk in chunks(keys, 256):
+            self.client.delete(chunk)
+
+    def run_size(self, size: int) -> list[ShmCell]:
+        plan, data, batch = self.plan, self.data, self.plan.batch
+        nb = plan.batches_per_thread(size, 1)
+        span = batch * size
+        # Two staging buffers: every batch but a round's last one uses the first; the last one
+        # (the one checked) has its own, so stale bytes never pass for its result.
+        bufs = [self.client.staging_buffer(span), self.client.staging_buffer(span)]
+        stage = [np.frombuffer(b, dtype=np.uint8) for b in bufs]
+        for s in stage:
+            s.fill(0)  # fault every page in here, not in a timed round
+        views = [[b[i * size : (i + 1) * size] for i in range(batch)] for b in bufs]
+        arrays = [[s[i * size : (i + 1) * size] for i in range(batch)] for s in stage]
+
+        # GETs read a working set written beforehand (untimed, ordinary buffers).
+        n_ws = plan.working_set_blocks(size)
+        ws_keys = [kvpool_key(f"{self.nonce}/shm-ws/{size}", i) for i in range(n_ws)]
+        for start in range(0, n_ws, batch):
+            ks = ws_keys[start : start + batch]
+            self._put(ks, [data.block(size, start + i) for i in range(len(ks))])
+        probe = data.scratch(size)
+        self._get([ws_keys[-1]], [probe])
+        _verify("kvpool shm working set", probe, data.block(size, n_ws - 1))
+
+        def ws_batch(r: int, b: int) -> list[int]:
+            return [(r * batch + b * batch + i) % n_ws for i in range(batch)]
+
+        def memcpy_put(r: int) -> _Round:
+            slots = SOURCE_BYTES // size
+            shift = (r + 1) * 7919
+            pairs = []
+            for b in range(nb):
+                for i in range(batch):
+                    j = (shift + b * batch + i) % slots
+                    pairs.append((self.arena[j * size : (j + 1) * size], arrays[0][i]))
+            t0 = time.perf_counter()
+            for d, s in pairs:
+                np.copyto(d, s)
+            wall = time.perf_counter() - t0
+            if not np.array_equal(pairs[-1][0], pairs[-1][1]):
+                raise BenchError("memcpy copied wrong bytes")
+            return _Round(wall, 0.0, wall, [], 0)
+
+        def memcpy_get(r: int) -> _Round:
+            pairs = []
+            for b in range(nb):
+                dst = arrays[1 if b == nb - 1 else 0]
+                for i, w in enumerate(ws_batch(r, b)):
+                    pairs.append((dst[i], data.block(size, w + 7919)))
+            t0 = time.perf_counter()
+            for d, s in pairs:
+                np.copyto(d, s)
+            wall = time.perf_counter() - t0
+            if not np.array_equal(pairs[-1][0], pairs[-1][1]):
+                raise BenchError("memcpy copied wrong bytes")
+            return _Round(wall, 0.0, wall, [], 0)
+
+        def shm_put(r: int, staging: bool) -> _Round:
+            tag = f"{self.nonce}/shm-put/{'staging' if staging else 'ordinary'}/{size}/{r}"
+            first = (r + 1) * 7919 * batch  # this round's contents
+            if staging:
+                for i in range(batch):  # the round's contents, copied in untimed
+                    np.copyto(arrays[0][i], data.block(size, first + i))
+            keys = [[kvpool_key(tag, b * batch + i) for i in range(batch)] for b in range(nb)]
+            calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+            expected: list[np.ndarray] = []
+            for b in range(nb):
+                if staging:
+                    blocks: list[Any] = views[0]
+                    expected = arrays[0]
+                else:
+                    blocks = expected = [
+                        data.block(size, first + b * batch + i) for i in range(batch)
+                    ]
+                calls.append((self._put, (keys[b], blocks)))
+            stored0 = self.client.stats()["stored"]
+            out = self._timed(calls)
+            stored = self.client.stats()["stored"] - stored0
+            if stored != nb * batch:
+                raise BenchError(f"kvpool shm PUT stored {stored} new blocks of {nb * batch}")
+            i = int(self.rng.integers(batch))
+            got = data.scratch(size)
+            self._get([keys[-1][i]], [got])
+            _verify("kvpool shm PUT read-back", got, expected[i])
+            self._delete([k for ks in keys for k in ks])
+            out.verified = 1
+            return out
+
+        def shm_get(r: int, staging: bool) -> _Round:
+            calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+            for b in range(nb):
+                final = b == nb - 1
+                if staging:
+                    dests: list[Any] = views[1 if final else 0]
+                else:
+                    dests = data.dest_batch(0, size, batch, b, final=final)
+                calls.append((self._get, ([ws_keys[w] for w in ws_batch(r, b)], dests)))
+            checked = arrays[1] if staging else data.dest_batch(0, size, batch, nb - 1, final=True)
+            for d in checked:
+                d.fill(0)
+            out = self._timed(calls)
+            i = int(self.rng.integers(batch))
+            _verify("kvpool shm GET", checked[i], data.block(size, ws_batch(r, nb - 1)[i]))
+            out.verified = 1
+            return out
+
+        run: dict[str, Callable[[int], _Round]] = {
+            "memcpy PUT": memcpy_put,
+            "shm PUT staging": lambda r: shm_put(r, True),
+            "shm PUT ordinary": lambda r: shm_put(r, False),
+            "memcpy GET": memcpy_get,
+            "shm GET staging": lambda r: shm_get(r, True),
+            "shm GET ordinary": lambda r: shm_get(r, False),
+        }
+        rounds: dict[str, list[_Round]] = {row: [] for row, _, _ in SHM_ROWS}
+        for r in range(-1, plan.shm_rounds):  # round -1 warms up (page tables, connections)
+            for row, _, _ in SHM_ROWS:
+                got_round = run[row](r)
+                if r >= 0:
+                    rounds[row].append(got_round)
+        self._delete(ws_keys)
+
+        cells = []
+        for row, op, buffers in SHM_ROWS:
+            rs = rounds[row]
+            moved_gb = len(rs) * nb * batch * size / 1e9
+            node_cpu = sum(x.node_cpu for x in rs)
+            cell = ShmCell(
+                row=row,
+                op=op,
+                buffers=buffers,
+                block_bytes=size,
+                batch=batch,
+                batches_per_round=nb,
+                bytes_per_round=nb * batch * size,
+                gbps=median([nb * batch * size / x.wall / 1e9 for x in rs]),
+                rounds_gbps=[nb * batch * size / x.wall / 1e9 for x in rs],
+                latency=LatencyStats.of([t for x in rs for t in x.lat]) if op != "memcpy" else None,
+                node_cpu_s=node_cpu if op != "memcpy" else None,
+                node_cpu_s_per_gb=node_cpu / moved_gb if op != "memcpy" else None,
+                client_cpu_s_per_gb=sum(x.client_cpu for x in rs) / moved_gb,
+                verified_blocks=sum(x.verified for x in rs),
+            )
+            cpu = f", node CPU {cell.node_cpu_s_per_gb:.3f} s/GB" if op != "memcpy" else ""
+            log(
+                f"  {row:17} {format_size(size):>6}: {cell.gbps:6.2f} GB/s "
+                f"(rounds {', '.join(f'{g:.2f}' for g in cell.rounds_gbps)}){cpu}"
+            )
+            cells.append(cell)
+        return cells
+
+
+def bench_kvpool_shm(plan: Plan, data: Data, nonce: str) -> dict[str, Any]:
+    import kvpool
+
+    with ProcessSet() as procs:
+        server, address = start_kvpool(procs, plan)
+        # Two staging buffers of the largest batch, and slack for the allocator's rounding.
+        arena = kvpool.StagingArena(2 * plan.batch * max(plan.sizes) + (8 << 20))
+        client = kvpool.Client(address, timeout=60.0, transport="shm", arena=arena)
+        try:
+            before = client.stats()["transports"]
+            if client.transport != "shm":
+                raise BenchError(f"kvpool client asked for shm, got {client.transport}")
+            bench = ShmBench(client, server.pid, plan, data, nonce)
+            cells = [c for size in plan.sizes for c in bench.run_size(size)]
+            moved = counter_delta(before, client.stats()["transports"])
+        finally:
+            client.close()
+        server.check_alive()
+    if moved["tcp"]["bytes_in"] or moved["tcp"]["bytes_out"]:
+        raise BenchError(f"the shared-memory section moved bytes over TCP: {moved}")
+    put = sum(c.bytes_per_round * (plan.shm_rounds + 1) for c in cells if c.op == "PUT")
+    if moved["shm"]["bytes_in"] < put:
+        raise BenchError(f"the node counted {moved['shm']['bytes_in']} shm bytes in, sent {put}")
+    log(f"  kvpool node transport counters moved: {moved}")
+    by = {(c.row, c.block_bytes): c for c in cells}
+    ratios = {
+        row: {str(s): by[(row, s)].gbps / by[(base, s)].gbps for s in plan.sizes}
+        for row, base in SHM_BASELINE.items()
+    }
+    return {
+        "available": True,
+        "note": (
+            "second kvpool server process; one client thread, kvpool.Client(transport='shm') "
+            "with its own StagingArena; 'staging' rows put/get_into slices of staging_buffer() "
+            "(zero-copy on the client, the node does one memcpy), 'ordinary' rows numpy buffers "
+            "outside the arena (bytes inline on the unix socket); memcpy rows: np.copyto, one "
+            "thread, between the same staging buffer and a 256 MiB arena, interleaved round by "
+            "round with the kvpool rows; a batch of >= 8 MiB travels over two connections"
+        ),
+        "cells": [asdict(c) for c in cells],
+        "ratios": ratios,
+        "transport_bytes_moved": moved,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,6 +1250,161 @@ def print_tables(report: dict[str, Any], systems: dict[str, SystemResult], plan:
                 line(row, [f"{by_size[str(s)]:.2f}x" if str(s) in by_size else "-" for s in sizes])
             )
     print()
+    shm = report.get("shm")
+    if shm is not None:
+        print_shm_tables(shm, plan)
+    print_cpu_table(systems, shm, plan)
+    print_targets(report, systems, shm, plan)
+
+
+def _shm_cells(shm: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(c["row"], c["block_bytes"]): c for c in shm.get("cells", [])}
+
+
+def print_shm_tables(shm: dict[str, Any], plan: Plan) -> None:
+    sizes = plan.sizes
+    w = 20
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<36}" + "".join(f"{c:>{w}}" for c in cells)
+
+    if not shm.get("available"):
+        print(f"kvpool over shared memory unavailable: {shm.get('reason', '').splitlines()[0]}")
+        print()
+        return
+    cm = _shm_cells(shm)
+    print(
+        f"Shared memory, GB/s and ratio to memcpy of the same bytes: one client thread, "
+        f"batches of {plan.batch}, median of {plan.shm_rounds} rounds, each row's rounds "
+        f"interleaved with the others'"
+    )
+    print(line("row", [format_size(s) for s in sizes]))
+    labels = {
+        "memcpy PUT": "memcpy 1 thread, staging -> arena",
+        "shm PUT staging": "kvpool shm PUT, staging buffers",
+        "shm PUT ordinary": "kvpool shm PUT, ordinary (inline)",
+        "memcpy GET": "memcpy 1 thread, arena -> staging",
+        "shm GET staging": "kvpool shm GET, staging buffers",
+        "shm GET ordinary": "kvpool shm GET, ordinary (inline)",
+    }
+    for row, _, _ in SHM_ROWS:
+        out = []
+        for s in sizes:
+            c = cm.get((row, s))
+            if c is None:
+                out.append("-")
+                continue
+            ratio = shm["ratios"].get(row, {}).get(str(s))
+            out.append(f"{c['gbps']:.2f} GB/s" + (f" {ratio:.2f}x" if ratio is not None else ""))
+        print(line(labels[row], out))
+    print()
+    print("Shared memory, batch latency p50 / p99 ms")
+    print(line("row", [format_size(s) for s in sizes]))
+    for row, op, _ in SHM_ROWS:
+        if op == "memcpy":
+            continue
+        out = []
+        for s in sizes:
+            lat = cm[(row, s)]["latency"] if (row, s) in cm else None
+            out.append(f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f}" if lat else "-")
+        print(line(labels[row], out))
+    print()
+
+
+def print_cpu_table(
+    systems: dict[str, SystemResult], shm: dict[str, Any] | None, plan: Plan
+) -> None:
+    sizes = plan.sizes
+    w = 20
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<36}" + "".join(f"{c:>{w}}" for c in cells)
+
+    def fmt(node: float | None, client: float | None = None) -> str:
+        if node is None:
+            return "-"
+        return f"{node:.3f}" + (f" ({client:.3f})" if client is not None else "")
+
+    rows: list[str] = []
+    moved_gb: list[float] = []  # per row and size: what one clock tick is divided by
+    for name, result in systems.items():
+        cm = _cell_map(result)
+        for op in OPS:
+            for threads in plan.threads:
+                cells = [cm.get((op, threads, s)) for s in sizes]
+                if all(c is None or c.node_cpu_s_per_gb is None for c in cells):
+                    continue
+                moved_gb += [len(c.rounds_gbps) * c.bytes_per_round / 1e9 for c in cells if c]
+                label = f"{name} {'tcp ' if name == 'kvpool' else ''}{op} x{threads}"
+                rows.append(line(label, [fmt(c.node_cpu_s_per_gb if c else None) for c in cells]))
+    if shm is not None and shm.get("available"):
+        cm2 = _shm_cells(shm)
+        for row, op, buffers in SHM_ROWS:
+            if op == "memcpy":
+                continue
+            cells2 = [cm2.get((row, s)) for s in sizes]
+            moved_gb += [len(c["rounds_gbps"]) * c["bytes_per_round"] / 1e9 for c in cells2 if c]
+            rows.append(
+                line(
+                    f"kvpool shm {op} x1, {buffers}",
+                    [
+                        fmt(c["node_cpu_s_per_gb"], c["client_cpu_s_per_gb"]) if c else "-"
+                        for c in cells2
+                    ],
+                )
+            )
+    if not rows:
+        return
+    tick = 1 / CLOCK_TICKS
+    print(
+        f"Node CPU time per GB moved, s/GB: utime+stime of the server process "
+        f"(/proc/<pid>/stat) over all measured rounds, one tick ({tick:.2f} s) = "
+        f"{tick / max(moved_gb):.3f}..{tick / min(moved_gb):.3f} s/GB here; "
+        f"shm rows: (this client process's CPU)"
+    )
+    print(line("system transport op threads", [format_size(s) for s in sizes]))
+    for r in rows:
+        print(r)
+    print()
+
+
+def print_targets(
+    report: dict[str, Any], systems: dict[str, SystemResult], shm: dict[str, Any] | None, plan: Plan
+) -> None:
+    lines: list[str] = []
+    link = report["iperf3"].get("gbps")
+    if "kvpool" in systems and systems["kvpool"].available and link and 1 in plan.threads:
+        cm = _cell_map(systems["kvpool"])
+        for op in OPS:
+            parts = [
+                f"{format_size(s)} {cm[(op, 1, s)].gbps / link:.2f}x"
+                + ("" if cm[(op, 1, s)].gbps / link >= TCP_TARGET else " (below)")
+                for s in plan.sizes
+                if (op, 1, s) in cm
+            ]
+            lines.append(f"kvpool tcp {op} x1 >= {TCP_TARGET}x iperf3: " + ", ".join(parts))
+    if shm is not None and shm.get("available"):
+        for row in ("shm PUT staging", "shm GET staging"):
+            parts = []
+            for s in SHM_TARGET_SIZES:
+                ratio = shm["ratios"][row].get(str(s))
+                if ratio is None:
+                    continue
+                verdict = "met" if ratio >= SHM_TARGET else "NOT met"
+                parts.append(f"{format_size(s)} {ratio:.2f}x {verdict}")
+            if parts:
+                op = row.split()[1]
+                lines.append(f"kvpool shm {op} x1 >= {SHM_TARGET}x memcpy: " + ", ".join(parts))
+    if lines:
+        print("Targets")
+        for text in lines:
+            print(f"  {text}")
+        print()
+    steal = report.get("host_steal_fraction", {})
+    if steal:
+        parts = ", ".join(f"{name} {frac:.1%}" for name, frac in steal.items())
+        print(f"Host steal time (CPU the hypervisor gave to other guests) per section: {parts}")
+        print()
 
 
 # --------------------------------------------------------------------------------------------
@@ -904,6 +1433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-mib", type=int, help="MiB moved per round (default 256, quick 32)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of %(default)s")
     p.add_argument("--kvpool-memory", default="3GiB", help="kvpool server --memory")
+    p.add_argument(
+        "--shm-rounds",
+        type=int,
+        help="measured rounds of the kvpool-shm section (default 9, quick 3)",
+    )
     p.add_argument("--json-out", default=str(DEFAULT_JSON), help="default: %(default)s")
     # Internal: the Mooncake child (inside unshare -n) and its storage process.
     hidden = argparse.SUPPRESS
@@ -942,6 +1476,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         working_set_bytes=(64 if quick else 256) << 20,
         iperf_seconds=1 if quick else 3,
         kvpool_memory=args.kvpool_memory,
+        shm_rounds=args.shm_rounds if args.shm_rounds is not None else (3 if quick else 9),
         mooncake_segment=2 << 30,
         mooncake_warmup_bytes=(256 << 20) if quick else (1536 << 20),
     )
@@ -952,8 +1487,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mooncake_storage:
         return run_mooncake_storage(args)
     plan = make_plan(args)
-    if plan.batch < 1 or plan.rounds < 1 or not plan.sizes or not plan.threads:
-        raise SystemExit("--batch, --rounds, --sizes and --threads must be positive and non-empty")
+    if (
+        plan.batch < 1
+        or plan.rounds < 1
+        or plan.shm_rounds < 1
+        or not plan.sizes
+        or not plan.threads
+    ):
+        raise SystemExit(
+            "--batch, --rounds, --shm-rounds, --sizes and --threads must be positive and non-empty"
+        )
     if args.mooncake_only:
         return run_mooncake_only(args, plan)
 
@@ -990,9 +1533,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["memcpy"] = run_memcpy(plan, data)
 
     systems: dict[str, SystemResult] = {}
+    steal: dict[str, float] = report.setdefault("host_steal_fraction", {})
     for name in chosen:
         log(f"{name}: starting")
         t0 = time.perf_counter()
+        steal0 = host_steal_seconds()
+        if name == "kvpool-shm":
+            # Its own table (ratios to memcpy, not to iperf3); kept out of ``systems``.
+            try:
+                report["shm"] = bench_kvpool_shm(plan, data, nonce)
+                status = "done"
+            except (ServiceError, BenchError, KVPoolError) as e:
+                report["shm"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+                status = f"unavailable: {report['shm']['reason'].splitlines()[0]}"
+            steal[name] = (host_steal_seconds() - steal0) / (time.perf_counter() - t0) / NCPU
+            log(f"{name}: {status} ({time.perf_counter() - t0:.0f}s, host steal {steal[name]:.1%})")
+            continue
         try:
             if name == "kvpool":
                 systems[name] = bench_kvpool(plan, data, nonce)
@@ -1006,7 +1562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = systems[name]
         reason = result.reason.splitlines()[0] if result.reason else "?"
         status = "done" if result.available else f"unavailable: {reason}"
-        log(f"{name}: {status} ({time.perf_counter() - t0:.0f}s)")
+        steal[name] = (host_steal_seconds() - steal0) / (time.perf_counter() - t0) / NCPU
+        log(f"{name}: {status} ({time.perf_counter() - t0:.0f}s, host steal {steal[name]:.1%})")
 
     # The link is measured again at the end; ratios use the faster of the two, so load that
     # came and went during the run cannot flatter anything.

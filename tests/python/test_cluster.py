@@ -216,6 +216,37 @@ def test_three_nodes_spread_round_trip_and_match_prefix(make_stack: Callable[...
     wait_until(lambda: c.match_prefix(keys) == 0, what="deleted keys leave the index")
 
 
+def test_members_advertise_shared_memory_and_the_cluster_uses_it(
+    make_stack: Callable[..., Stack],
+) -> None:
+    s = make_stack(2)
+    host = kvpool._core.host_id()
+    for m in s.c.members():
+        assert m.transport_names() == ("tcp", "shm")
+        assert m.shm is not None and m.shm[0] == host
+        with kvpool.Client(m.address, transport="tcp") as nc:
+            assert m.shm[1] == nc.stats()["shm_socket"]
+    keys = random_keys(64)
+    # Staging buffers from the cluster's one arena cross to every member without a client copy.
+    staged = [s.c.staging_buffer(4 * KiB) for _ in keys]
+    for i, b in enumerate(staged):
+        b[:] = bytes([i]) * len(b)
+    assert s.c.put(keys, staged) == len(keys)
+    s.wait_indexed(s.c, keys)
+    outs = [s.c.staging_buffer(4 * KiB) for _ in keys]
+    assert s.c.get_into(keys, outs) == [True] * len(keys)
+    assert [bytes(o) for o in outs] == [bytes(b) for b in staged]
+    assert set(s.c.transports().values()) == {"shm"} and len(s.c.transports()) == 2
+    moved = 0
+    for node in s.nodes:
+        with kvpool.Client(node.address, transport="tcp") as nc:
+            moved += nc.stats()["transports"]["shm"]["bytes_in"]
+    assert moved == len(keys) * 4 * KiB
+    with Cluster(s.redis.url, s.name, timeout=CLIENT_TIMEOUT, transport="tcp") as tcp:
+        assert tcp.get(keys) == [bytes(b) for b in staged]
+        assert set(tcp.transports().values()) == {"tcp"}
+
+
 def test_kill_9_under_load_then_restart(make_stack: Callable[..., Stack]) -> None:
     s = make_stack(3)
     c = s.c
