@@ -417,7 +417,8 @@ PYBIND11_MODULE(_core, m) {
           })
       .def_readwrite("shm_socket", &ServerOptions::shm_socket)
       .def_readwrite("shm_allow_uids", &ServerOptions::shm_allow_uids)
-      .def_readwrite("shm_allow_gids", &ServerOptions::shm_allow_gids);
+      .def_readwrite("shm_allow_gids", &ServerOptions::shm_allow_gids)
+      .def_readwrite("shm_max_arena_bytes", &ServerOptions::shm_max_arena_bytes);
 
   py::class_<StagingBuffer>(m, "StagingBuffer", py::buffer_protocol())
       .def_buffer([](StagingBuffer& b) {

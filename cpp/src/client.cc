@@ -1,6 +1,7 @@
 #include "kvpool/client.h"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -24,8 +25,11 @@ constexpr size_t kPutWindow = 4;
 constexpr size_t kQueryWindow = 2;
 // Batches at least this large are moved over two connections at once (Client::InHalves).
 constexpr uint64_t kParallelBatchBytes = uint64_t{8} << 20;
-// How long a failed call on shared memory waits for the node to finish the frames it sent.
-constexpr int kDrainGraceMs = 2000;
+// How long a failed call on shared memory waits for the node to finish the frames it sent (the
+// node's default io_timeout: a node that is alive finishes far sooner).
+constexpr int kDrainGraceMs = 30000;
+// After shared memory failed, new connections use TCP for this long before trying it again.
+constexpr auto kShmRetryAfter = std::chrono::seconds(5);
 
 struct Range {
   size_t begin, end;
@@ -38,6 +42,13 @@ namespace detail {
 class ClientConnection {
  public:
   ClientConnection(net::Fd fd, std::string where) : fd_(std::move(fd)), where_(std::move(where)) {}
+  ~ClientConnection() {
+    // Shutdown reaches the socket itself, even when a fork() left a copy of the descriptor in
+    // another process: the node sees the hang-up and commits nothing copied after it.
+    if (arena != nullptr) shutdown(fd_.get(), SHUT_RDWR);
+  }
+  ClientConnection(const ClientConnection&) = delete;
+  ClientConnection& operator=(const ClientConnection&) = delete;
 
   /// The handshake. With `arena`, offers shared memory and passes the arena's memfd with the
   /// HELLO (a unix-domain connection); without, speaks v1 or v2 as the node does.
@@ -151,7 +162,12 @@ class ClientConnection {
     auto& buf = scratch();
     while (true) {
       iovec iov{buf.data(), buf.size()};
-      if (!net::RecvSome(fd_.get(), &iov, deadline).ok()) return;
+      const Status s = net::RecvSome(fd_.get(), &iov, deadline);
+      if (s.code() == ErrorCode::kTimeout) {
+        KVPOOL_LOG(kWarning, "node did not finish its frames after a failed call", "node", where_,
+                   "waited_ms", grace.count());
+      }
+      if (!s.ok()) return;
     }
   }
 
@@ -166,6 +182,7 @@ class ClientConnection {
   std::vector<uint64_t> lengths;
   std::vector<iovec> iov;
   std::vector<PeerBuffer> peer;
+  std::vector<size_t> order;
   // The frame whose reply is being read.
   net::Deadline deadline = net::Deadline::Never();
   size_t frame_keys = 0;
@@ -208,6 +225,29 @@ std::vector<Range> Split(size_t n, size_t max_keys, uint64_t max_bytes, BytesOf 
   }
   if (n > begin) out.push_back({begin, n});  // an empty batch needs no frame at all
   return out;
+}
+
+/// The node refuses overlapping runs in a frame; a caller may legitimately pass one buffer
+/// twice (the same bytes under two keys, or one destination for two keys): every run that
+/// overlaps an earlier one travels inline instead.
+void InlineOverlaps(std::vector<PeerBuffer>& runs, std::vector<size_t>& order) {
+  order.clear();
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (runs[i].described() && runs[i].size > 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return runs[a].addr != runs[b].addr ? runs[a].addr < runs[b].addr : a < b;
+  });
+  uint64_t end = 0;
+  bool any = false;
+  for (size_t i : order) {
+    if (any && runs[i].addr < end) {
+      runs[i].addr = protocol::kInline;
+      continue;
+    }
+    end = runs[i].addr + runs[i].size;
+    any = true;
+  }
 }
 
 /// Sends frames ahead of their replies, keeping at most `window` outstanding.
@@ -269,14 +309,18 @@ Status Client::ChooseTransport(std::unique_ptr<Connection>& tcp, net::Deadline d
                                               tcp->shm_host + ", this host is " + LocalHostId() +
                                               ")");
   } else {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      use_shm_ = true;  // the node serves shared memory here: new connections try it
+    }
     auto shm = DialShm(deadline);
     if (shm.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      use_shm_ = true;
       tcp = std::move(shm.value());  // the discovery connection closes; shared memory serves
       return Status::Ok();
     }
     why = shm.status();
+    std::lock_guard<std::mutex> lock(mu_);
+    shm_retry_at_ = std::chrono::steady_clock::now() + kShmRetryAfter;
   }
   if (options_.transport == TransportChoice::kShm) return why;
   NoteFallback(why);
@@ -289,7 +333,7 @@ void Client::NoteFallback(const Status& why) {
     if (fallback_logged_) return;
     fallback_logged_ = true;
   }
-  KVPOOL_LOG(kInfo, "shared memory unavailable, using tcp", "node", address(), "reason",
+  KVPOOL_LOG(kWarning, "shared memory unavailable, using tcp", "node", address(), "reason",
              why.ToString());
 }
 
@@ -326,6 +370,16 @@ Result<std::unique_ptr<Connection>> Client::DialShm(net::Deadline deadline) {
   }
   auto fd = net::ConnectUnix(path, deadline);
   if (!fd.ok()) return fd.status();
+  // The arena goes only to a listener of this uid or root: any other process that got to bind
+  // the advertised path (another user, another container) would gain access to it.
+  auto listener = net::GetPeerCredentials(fd.value().get());
+  if (!listener.ok()) return listener.status();
+  if (listener.value().uid != geteuid() && listener.value().uid != 0) {
+    return Status(ErrorCode::kUnauthorized,
+                  "the socket " + path + " is served by uid " +
+                      std::to_string(listener.value().uid) + ", neither this process's uid " +
+                      std::to_string(geteuid()) + " nor root: the arena is not handed over");
+  }
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (" + path + ")");
   KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, arena.value().get()));
   if (conn->kind == TransportKind::kShm && conn->node_id != node_id) {
@@ -353,22 +407,27 @@ Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
       last_kind_ = c->kind;
       return c;
     }
-    shm = use_shm_;
+    shm = use_shm_ && (options_.transport == TransportChoice::kShm ||
+                       std::chrono::steady_clock::now() >= shm_retry_at_);
   }
   const auto deadline = net::Deadline::In(
       std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
   Result<std::unique_ptr<Connection>> conn = Status(ErrorCode::kInternal, "no connection");
+  Status shm_failed;
   if (shm) {
     conn = DialShm(deadline);
     if (!conn.ok()) {
       if (options_.transport == TransportChoice::kShm) return conn.status();
-      NoteFallback(conn.status());  // this connection goes over TCP; the next tries again
+      shm_failed = conn.status();  // this connection goes over TCP
     }
   }
   if (!conn.ok()) conn = DialTcp(deadline);
-  if (!conn.ok()) return conn.status();
+  if (!conn.ok()) return conn.status();  // the node is down: nothing learned about shm
+  if (!shm_failed.ok()) NoteFallback(shm_failed);
   conn.value()->fresh = true;
   std::lock_guard<std::mutex> lock(mu_);
+  // TCP works where shared memory did not: TCP for a while, then shared memory again.
+  if (!shm_failed.ok()) shm_retry_at_ = std::chrono::steady_clock::now() + kShmRetryAfter;
   limits_ = conn.value()->limits;
   last_kind_ = conn.value()->kind;
   return conn;
@@ -392,7 +451,11 @@ Status Client::WithConnection(const std::function<Status(Connection&)>& fn) {
       Release(std::move(conn.value()));
       return s;
     }
-    if (c.peer_writes) c.DrainUntilClosed(std::chrono::milliseconds(kDrainGraceMs));
+    if (c.peer_writes) {
+      c.DrainUntilClosed(std::chrono::milliseconds(kDrainGraceMs));
+    } else if (c.arena != nullptr) {
+      shutdown(c.fd(), SHUT_RDWR);  // before the caller may reuse what the node was copying
+    }
     // A pooled connection may have been closed by the node while idle (restart, idle reaping).
     // Every operation is idempotent (blocks are immutable), so one retry on a fresh connection
     // is safe; a fresh connection's failure is the node's answer.
@@ -453,9 +516,10 @@ Status Client::PutRange(std::span<const Key128> keys, std::span<const ConstBuffe
           described ? c.arena->Offset(blocks[i].data, blocks[i].size) : std::optional<uint64_t>();
       c.peer[i] = {offset.value_or(protocol::kInline), blocks[i].size};
     }
-    const auto frames =
-        Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
-              [&](size_t i) { return entry_bytes + (c.peer[i].described() ? 0 : blocks[i].size); });
+    if (described) InlineOverlaps(c.peer, c.order);
+    // Described bytes count against max_frame_bytes as inline ones do (the node checks).
+    const auto frames = Split(keys.size(), c.limits.max_batch_keys, c.limits.max_frame_bytes,
+                              [&](size_t i) { return entry_bytes + blocks[i].size; });
     // Each in-flight frame needs its own table; they live in one buffer indexed by key.
     c.table.resize(keys.size() * entry_bytes);
     for (size_t i = 0; i < keys.size(); ++i) {
@@ -582,6 +646,9 @@ Status Client::KeyRequest(Op op, std::span<const Key128> keys,
       for (size_t i = 0; i < keys.size(); ++i) {
         const auto offset = c.arena->Offset(buffers[i].data, buffers[i].size);
         c.peer[i] = {offset.value_or(protocol::kInline), buffers[i].size};
+      }
+      InlineOverlaps(c.peer, c.order);
+      for (size_t i = 0; i < keys.size(); ++i) {
         uint8_t* e = c.table.data() + i * entry_bytes;
         std::memcpy(e, keys[i].bytes.data(), protocol::kKeyBytes);
         std::memcpy(e + protocol::kKeyBytes, &c.peer[i].addr, 8);

@@ -32,7 +32,10 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits, uint32_t ver
   if (!IsKnownOp(op)) return Status(ErrorCode::kUnknownOp, "unknown opcode " + std::to_string(op));
   const bool described = h.flags == kFlagDescribed && (h.op == Op::kPut || h.op == Op::kGet);
   if ((h.flags != 0 && !described) || h.reserved != 0 || h.status != 0) {
-    return Status(ErrorCode::kBadFrame, "request has non-zero flags/reserved/status fields");
+    return Status(ErrorCode::kBadFrame, "request has flags " + std::to_string(h.flags) +
+                                            ", reserved " + std::to_string(h.reserved) +
+                                            ", status " + std::to_string(h.status) +
+                                            " (flags may be 0, or 2 on a v2 PUT or GET)");
   }
   if (described && version < 2) {
     return Status(ErrorCode::kBadFrame, "the described flag needs protocol version 2, the " +

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 #include <sstream>
+#include <system_error>
 #include <vector>
 
 #include "support/log.h"
@@ -58,6 +59,7 @@ struct NodeFacts {
   const std::string& node_id;
   const std::string& shm_path;  ///< empty: shared memory not served
   std::array<Server::TransportCounters, kTransportKinds>& counters;
+  std::atomic<uint64_t>& shm_mapped;  ///< arena bytes mapped by all connections
 };
 
 class FrameHandler {
@@ -69,6 +71,12 @@ class FrameHandler {
         options_(node.options),
         node_(node),
         link_(std::make_unique<TcpLink>(fd)) {}
+  ~FrameHandler() {
+    link_.reset();  // unmaps the arena
+    node_.shm_mapped.fetch_sub(mapped_);
+  }
+  FrameHandler(const FrameHandler&) = delete;
+  FrameHandler& operator=(const FrameHandler&) = delete;
 
   /// Runs until the peer closes, a protocol error, or the socket is shut down.
   Status Run() {
@@ -123,8 +131,9 @@ class FrameHandler {
   /// Until HELLO is done on the shared-memory socket, reads keep the descriptors that arrive with
   /// the bytes (the client's arena rides with its HELLO); afterwards nothing passed is kept.
   Status Recv(void* buf, size_t n, net::Deadline deadline) {
-    if (listener_ == TransportKind::kShm && !hello_done_) {
-      return net::RecvAllKeepFds(fd_, buf, n, deadline, &passed_fds_, 1);
+    // A refused peer's descriptors are never taken (the kernel drops them unreceived).
+    if (listener_ == TransportKind::kShm && !hello_done_ && refused_.ok()) {
+      return net::RecvAllKeepFds(fd_, buf, n, deadline, &passed_fds_, 1, &fds_received_);
     }
     return net::RecvAll(fd_, buf, n, deadline);
   }
@@ -164,10 +173,7 @@ class FrameHandler {
   Status Hello(const Header& h) {
     hello_body_.resize(h.body_bytes);
     KVPOOL_RETURN_IF_ERROR(Recv(hello_body_.data(), hello_body_.size(), deadline_));
-    if (!refused_.ok()) {
-      passed_fds_.clear();
-      return ReplyError(h, refused_);
-    }
+    if (!refused_.ok()) return ReplyError(h, refused_);
     uint32_t min_version, max_version;
     std::memcpy(&min_version, hello_body_.data(), 4);
     std::memcpy(&max_version, hello_body_.data() + 4, 4);
@@ -203,22 +209,34 @@ class FrameHandler {
         });
     if (!s.ok()) return ReplyError(h, s);
     if (listener_ == TransportKind::kShm) {
-      if (offered != static_cast<int>(TransportKind::kShm) || passed_fds_.size() != 1) {
+      if (offered != static_cast<int>(TransportKind::kShm) || fds_received_ != 1) {
         return ReplyError(h, Status(ErrorCode::kBadFrame,
                                     "the shared-memory socket needs a version 2 HELLO with an shm "
-                                    "offer and the arena's memfd (got " +
-                                        std::to_string(passed_fds_.size()) + " descriptors)"));
+                                    "offer and exactly one descriptor, the arena's memfd (got " +
+                                        std::to_string(fds_received_) + " descriptors, offer " +
+                                        std::to_string(offered) + ")"));
+      }
+      const uint64_t cap = options_.shm_max_arena_bytes;
+      if (arena_bytes > cap ||
+          node_.shm_mapped.fetch_add(arena_bytes) + arena_bytes > options_.shm_max_mapped_bytes) {
+        if (arena_bytes <= cap) node_.shm_mapped.fetch_sub(arena_bytes);
+        return ReplyError(
+            h, Status(ErrorCode::kInvalidArgument,
+                      "shared-memory arena of " + std::to_string(arena_bytes) +
+                          " bytes refused: shm_max_arena_bytes is " + std::to_string(cap) +
+                          ", shm_max_mapped_bytes " +
+                          std::to_string(options_.shm_max_mapped_bytes) + " for all clients"));
       }
       auto link = ShmLink::Open(fd_, passed_fds_[0].get(), arena_bytes);
       passed_fds_.clear();  // the mapping, not the descriptor, is what the link keeps
-      if (!link.ok()) return ReplyError(h, link.status());
+      if (!link.ok()) {
+        node_.shm_mapped.fetch_sub(arena_bytes);
+        return ReplyError(h, link.status());
+      }
+      mapped_ = arena_bytes;
       link_ = std::move(link.value());
-    } else if (offered > 0) {
-      return ReplyError(h, Status(ErrorCode::kBadFrame,
-                                  std::string("transport '") +
-                                      TransportKindName(static_cast<TransportKind>(offered)) +
-                                      "' is not offered on the TCP socket"));
     }
+    // On TCP an offer of another kind is answered with the kind in use: tcp.
     version_ = version;
     hello_done_ = true;
     protocol::Limits limits = options_.limits;
@@ -274,6 +292,16 @@ class FrameHandler {
                                               std::to_string(table_.size() + payload) + " bytes)"));
     }
     if (described) {
+      KVPOOL_RETURN_IF_ERROR(CheckDescribed(h));
+      // A described frame moves no more than an inline one may carry.
+      uint64_t total = 0;
+      for (const PeerBuffer& p : peer_) total += std::min(p.size, options_.limits.max_frame_bytes);
+      if (total > options_.limits.max_frame_bytes) {
+        return ReplyError(
+            h, Status(ErrorCode::kFrameTooLarge,
+                      "PUT names " + std::to_string(total) + " bytes, more than max_frame_bytes " +
+                          std::to_string(options_.limits.max_frame_bytes)));
+      }
       Status s = link_->CheckRuns(peer_);
       if (!s.ok()) return ReplyError(h, s);
     }
@@ -309,14 +337,17 @@ class FrameHandler {
     const std::span<bool> committed = committed_.Get(commit_res_.size());
     store_.Commit(commit_keys_, commit_res_, committed);
     size_t c = 0;
-    uint64_t moved = 0;
+    uint64_t moved = 0, copied = 0;
     for (size_t i = 0; i < n; ++i) {
       status_[i] = static_cast<uint8_t>(ToPutStatus(results_[i]));
       if (results_[i] != PutResult::kReserved) continue;
       moved += peer_[i].size;
+      if (peer_[i].described()) copied += peer_[i].size;
       if (!committed[c++]) status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists);
     }
-    node_.counters[static_cast<size_t>(link_->kind())].bytes_in += moved;
+    auto& counters = node_.counters[static_cast<size_t>(link_->kind())];
+    counters.bytes_in += moved;
+    counters.copied_in += copied;
     return Reply(h, static_cast<uint32_t>(n), status_.data(), n);
   }
 
@@ -340,6 +371,7 @@ class FrameHandler {
     keys_.resize(n);
     peer_.assign(n, PeerBuffer{});
     if (described) {
+      KVPOOL_RETURN_IF_ERROR(CheckDescribed(h));
       table_.resize(n * protocol::kDescribedGetEntryBytes);
       KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_, table_.data(), table_.size(), deadline_));
       for (size_t i = 0; i < n; ++i) {
@@ -359,7 +391,7 @@ class FrameHandler {
     blocks_.resize(n);
     store_.Pin(keys_, pinned_, found);
     unpin_.clear();
-    uint64_t body = n * 8, moved = 0;
+    uint64_t body = n * 8, moved = 0, copied = 0;
     for (size_t i = 0; i < n; ++i) {
       if (!found[i]) {
         lengths_[i] = protocol::kMissing;
@@ -368,7 +400,11 @@ class FrameHandler {
       }
       lengths_[i] = pinned_[i].size;
       blocks_[i] = {pinned_[i].data, pinned_[i].size};
-      if (!DeliveredInPeer(peer_[i], pinned_[i].size)) body += pinned_[i].size;
+      if (DeliveredInPeer(peer_[i], pinned_[i].size)) {
+        copied += pinned_[i].size;
+      } else {
+        body += pinned_[i].size;
+      }
       moved += pinned_[i].size;
       unpin_.push_back(pinned_[i]);
     }
@@ -383,7 +419,11 @@ class FrameHandler {
     // The pins hold until the bytes are in the client's memory or on the socket.
     Status s = link_->Push(head, blocks_, peer_, deadline_);
     store_.Unpin(unpin_);
-    if (s.ok()) node_.counters[static_cast<size_t>(link_->kind())].bytes_out += moved;
+    if (s.ok()) {
+      auto& counters = node_.counters[static_cast<size_t>(link_->kind())];
+      counters.bytes_out += moved;
+      counters.copied_out += copied;
+    }
     return s;
   }
 
@@ -404,6 +444,16 @@ class FrameHandler {
     return Reply(h, static_cast<uint32_t>(n), status_.data(), n);
   }
 
+  /// True when `h` is described but this connection's link has no peer memory (BadFrame sent).
+  Status CheckDescribed(const Header& h) {
+    if (!(h.flags & protocol::kFlagDescribed) || link_->kind() != TransportKind::kTcp) {
+      return Status::Ok();
+    }
+    return ReplyError(h, Status(ErrorCode::kBadFrame,
+                                "a described frame on a tcp connection, which registered no peer "
+                                "memory"));
+  }
+
   int fd_;
   TransportKind listener_;
   BlockStore& store_;
@@ -411,6 +461,8 @@ class FrameHandler {
   const NodeFacts& node_;
   std::unique_ptr<Link> link_;
   std::vector<net::Fd> passed_fds_;
+  size_t fds_received_ = 0;
+  uint64_t mapped_ = 0;  // arena bytes this connection maps (counted in NodeFacts::shm_mapped)
   Status refused_;
   bool hello_done_ = false;
   bool in_frame_ = false;
@@ -504,11 +556,16 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   if (shm) {
     auto path = options.shm_socket.empty() ? DefaultShmSocket(options.host, port)
                                            : Result<std::string>(options.shm_socket);
-    if (!path.ok()) return path.status();
-    auto listener = net::ListenUnix(path.value(), 512);
-    if (!listener.ok()) return listener.status();
-    shm_fd = std::move(listener.value());
-    shm_path = path.value();
+    auto listener = path.ok() ? net::ListenUnix(path.value(), 512) : Result<net::Fd>(path.status());
+    if (listener.ok()) {
+      shm_fd = std::move(listener.value());
+      shm_path = path.value();
+    } else if (!options.shm_socket.empty()) {
+      return listener.status();  // asked for explicitly: a setting that cannot work is an error
+    } else {
+      KVPOOL_LOG(kWarning, "shared memory off: the default socket cannot be made", "reason",
+                 listener.status().ToString());
+    }
   }
   int wake[2];
   if (pipe2(wake, O_CLOEXEC | O_NONBLOCK) != 0) {
@@ -570,13 +627,20 @@ void Server::Admit(int fd, TransportKind listener) {
   conn->fd = net::Fd(fd);
   conn->listener = listener;
   Connection* c = conn.get();
+  try {
+    c->thread = std::thread([this, c] { Serve(c); });
+  } catch (const std::system_error& e) {  // out of threads or address space: refuse, keep serving
+    KVPOOL_LOG(kWarning, "cannot start a connection thread", "error", e.what());
+    ++rejected_;
+    --per_transport_[static_cast<size_t>(listener)].connections;
+    return;  // conn (and its descriptor) goes here
+  }
   conns_.push_back(std::move(conn));
-  c->thread = std::thread([this, c] { Serve(c); });
 }
 
 void Server::Serve(Connection* conn) {
   const std::function<std::string()> stats = [this] { return StatsJson(); };
-  const NodeFacts node{options_, stats, node_id_, shm_path_, per_transport_};
+  const NodeFacts node{options_, stats, node_id_, shm_path_, per_transport_, shm_mapped_};
   FrameHandler handler(conn->fd.get(), conn->listener, *store_, node);
   if (conn->listener == TransportKind::kShm) {
     // Only processes of this uid (or root, or the configured uids and gids) may hand the node
@@ -674,7 +738,9 @@ std::string Server::StatsJson() const {
     const TransportCounters& t = per_transport_[static_cast<size_t>(kind)];
     os << (first ? "" : ",") << "\"" << TransportKindName(kind)
        << "\":{\"connections\":" << t.connections.load() << ",\"accepted\":" << t.accepted.load()
-       << ",\"bytes_in\":" << t.bytes_in.load() << ",\"bytes_out\":" << t.bytes_out.load() << "}";
+       << ",\"bytes_in\":" << t.bytes_in.load() << ",\"bytes_out\":" << t.bytes_out.load()
+       << ",\"copied_in\":" << t.copied_in.load() << ",\"copied_out\":" << t.copied_out.load()
+       << "}";
     first = false;
   }
   os << "}}";

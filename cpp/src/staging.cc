@@ -13,6 +13,12 @@
 namespace kvpool {
 namespace {
 constexpr size_t kRound = size_t{2} << 20;  // whole transparent hugepages where shmem allows them
+#ifdef MADV_POPULATE_WRITE
+constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+constexpr int kMadvPopulateWrite =
+    23;  // Linux 5.14; older kernels answer EINVAL (pages fault later)
+#endif
 }  // namespace
 
 Result<std::shared_ptr<StagingArena>> StagingArena::Create(size_t bytes) {
@@ -57,9 +63,17 @@ StagingArena::~StagingArena() {
 
 MutableBuffer StagingArena::Take(size_t bytes) {
   if (bytes == 0) bytes = 1;  // a zero-length buffer still needs a distinct address to give back
-  std::lock_guard<std::mutex> lock(mu_);
-  const int64_t offset = pool_->Allocate(bytes);
-  if (offset < 0) return {nullptr, 0};
+  int64_t offset;
+  size_t run;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    offset = pool_->Allocate(bytes);
+    if (offset < 0) return {nullptr, 0};
+    run = pool_->RunBytes(offset);
+  }
+  // Faulted in here, in the client: a node's first copy into the page would otherwise allocate
+  // it, and charge it to the node's memory cgroup. Cheap once the pages exist.
+  madvise(base_ + offset, run, kMadvPopulateWrite);
   return {base_ + offset, bytes};
 }
 

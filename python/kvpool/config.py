@@ -205,6 +205,8 @@ class ServerConfig(_Settings):
     #: own uid and root.
     shm_allow_uids: str = ""
     shm_allow_gids: str = ""
+    #: Largest staging arena one shared-memory connection may map (address space, not memory).
+    shm_max_arena_bytes: int = _size(64 << 30)
     #: The newest wire protocol version the node speaks (1 or 2). 1 serves TCP only, exactly as
     #: a v1 node did: for a rolling downgrade, or to test a client against an old node.
     protocol_version: int = 2
@@ -240,9 +242,11 @@ class ServerConfig(_Settings):
                 " that includes tcp"
             )
         bad = [c for c in ',|"\\\n' if c in self.shm_socket]
-        if bad or len(self.shm_socket.encode()) > 107:
+        too_long = len(self.shm_socket.encode()) > 107
+        if self.shm_socket and (bad or too_long or not self.shm_socket.startswith("/")):
             raise ConfigError(
-                f'shm_socket = {self.shm_socket!r}: a path of at most 107 bytes without , | " \\'
+                f"shm_socket = {self.shm_socket!r}: an absolute path of at most 107 bytes"
+                ' without , | " \\'
             )
         for key in ("shm_allow_uids", "shm_allow_gids"):
             try:
@@ -282,6 +286,8 @@ class ConnectorConfig(_Settings):
 
     def validate(self) -> None:
         _check_redis_url("redis_url", self.redis_url)
+        if self.staging_bytes <= 0:
+            raise ConfigError(f"staging_bytes must be > 0, got {self.staging_bytes}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.replicas < 0:

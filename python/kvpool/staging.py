@@ -17,7 +17,8 @@ class StagingArena:
     elsewhere still work (their bytes ride on the socket). Share one arena among the clients of
     a process (``kvpool.Cluster`` does), so a staging buffer is zero-copy to every member.
 
-    Pages are faulted in on first touch, so an arena costs memory only for what is used.
+    Pages are faulted in when a buffer is first handed out (by this process, so they are charged
+    to it, not to the node), so an arena costs memory only for what is used.
     """
 
     def __init__(self, nbytes: int = 64 << 20, *, _native: Any = None) -> None:
@@ -52,6 +53,8 @@ class StagingArena:
 
     def try_buffer(self, nbytes: int) -> memoryview | None:
         """Like :meth:`buffer`, ``None`` instead of NoSpaceError."""
+        if nbytes < 0:
+            raise InvalidArgumentError(f"buffer size must be >= 0, got {nbytes}")
         native = self._native.take(nbytes)
         return None if native is None else memoryview(native)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import select
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -210,6 +212,14 @@ def test_exact_bytes_for_random_sizes_up_to_max_block_bytes(
         ]
         assert c.get_into(keys, outs) == [True] * len(keys)
         assert [bytes(o) for o in outs] == expected
+        # On shm the arena blocks went by copy (node <-> arena), the others inline.
+        t = c.stats()["transports"]
+        arena_bytes = sum(sizes)
+        if transport == "shm":
+            assert t["shm"]["copied_in"] == arena_bytes
+            assert t["shm"]["copied_out"] == sum(len(e) for i, e in enumerate(expected) if i % 3)
+        else:
+            assert t["tcp"]["copied_in"] == 0 and t["tcp"]["copied_out"] == 0
         # A size mismatch is a miss and leaves an arena buffer untouched, as on TCP.
         wrong = c.staging_buffer(5)
         wrong[:] = b"stays"
@@ -248,11 +258,15 @@ _SHM_LOOP = textwrap.dedent(
     """
     import os, sys, kvpool
     address, op = sys.argv[1], sys.argv[2]
-    c = kvpool.Client(address, transport="shm", timeout=30)
-    size, n = 1 << 20, 24
-    bufs = [c.staging_buffer(size) for _ in range(n)]
-    for b in bufs:
+    c = kvpool.Client(address, transport="shm", timeout=60)
+    size, n = 1 << 20, 32
+    # Half the blocks in the arena (copied by the node), half in ordinary memory (inline on the
+    # socket, so the node waits on this process mid-frame: where a kill must leave nothing).
+    staged = [c.staging_buffer(size) for _ in range(n // 2)]
+    for b in staged:
         b[:] = os.urandom(size)
+    plain = [bytearray(os.urandom(size)) for _ in range(n // 2)]
+    bufs = [b for pair in zip(staged, plain) for b in pair]
     keys = [os.urandom(16) for _ in range(n)]
     c.put(keys, bufs)
     print("ready", flush=True)
@@ -278,24 +292,30 @@ def test_client_killed_mid_call_leaves_nothing_held(start_node: ServerFactory, o
             stderr=subprocess.PIPE,
             env=child_env(),
         )
+        busy = "reserved_bytes" if op == "put" else "pinned_bytes"
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == b"ready", child.communicate()[1]
-            busy = "reserved_bytes" if op == "put" else "pinned_bytes"
-            wait_until(
-                lambda: observer.stats()[busy] > 0,
-                timeout=30,
-                interval=0.0005,
-                what=f"the child to be mid-{op}",
-            )
+            # Freeze the child until it is caught mid-call: the node then holds reservations
+            # (PUT: waiting for inline payloads) or pins (GET: blocked sending to it). The kill
+            # lands while they are held.
+            for _ in range(2000):
+                child.send_signal(signal.SIGSTOP)
+                time.sleep(0.02)  # let the node reach the point where it waits on the child
+                if observer.stats()[busy] > 0:
+                    break
+                child.send_signal(signal.SIGCONT)
+                time.sleep(0.003)
+            assert observer.stats()[busy] > 0, f"never caught the child mid-{op}"
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
         stats = assert_nothing_held(observer)
-        assert stats["transports"]["shm"]["connections"] == 0 or wait_until(
+        wait_until(
             lambda: observer.stats()["transports"]["shm"]["connections"] == 0,
             what="the node to drop the dead client's connections",
         )
+        assert stats["entries"] >= 4
         assert observer.get(keep) == blocks  # and the node keeps serving
         with kvpool.Client(node.address, transport="shm") as again:
             assert again.get(keep) == blocks
@@ -399,12 +419,74 @@ def test_described_frames_are_refused_on_tcp(shm_node: ServerProcess) -> None:
         raw.send(header(OP_HELLO, body_bytes=8) + struct.pack("<II", 1, 2))
         frame = raw.read_frame()
         assert frame is not None and struct.unpack_from("<I", frame[1])[0] == 2
-        table = random_keys(1)[0] + struct.pack("<QQ", 10, 0)
-        raw.send(header(OP_PUT, count=1, body_bytes=len(table), flags=FLAG_DESCRIBED) + table)
+        # Even an all-inline described frame: the flag itself needs peer memory.
+        table = random_keys(1)[0] + struct.pack("<QQ", 10, INLINE)
+        raw.send(
+            header(OP_PUT, count=1, body_bytes=len(table) + 10, flags=FLAG_DESCRIBED)
+            + table
+            + b"x" * 10
+        )
         reply = raw.read_frame()
         assert reply is not None and reply[0][6] == int(kvpool.ErrorCode.BAD_FRAME)
-        assert b"registered none" in reply[1]
+        assert b"registered no peer memory" in reply[1]
         assert raw.closed_by_peer()
+
+
+def test_offers_on_tcp_are_answered_with_tcp(shm_node: ServerProcess) -> None:
+    with RawConnection(shm_node.address) as raw:
+        for kind in (SHM, 2, 200):  # shm, rdma, a kind from the future
+            offer = ext(EXT_TRANSPORT, bytes([kind]) + struct.pack("<Q", 4096))
+            body = struct.pack("<II", 1, 2) + offer
+            raw.send(header(OP_HELLO, body_bytes=len(body), request_id=kind) + body)
+            frame = raw.read_frame()
+            assert frame is not None and frame[0][2] == 0, frame
+            assert parse_exts(frame[1][24:])[EXT_TRANSPORT] == b"\0"
+
+
+def test_two_descriptors_at_hello_are_refused(shm_node: ServerProcess) -> None:
+    peer = RawShm(shm_path(shm_node), MiB)
+    extra = sealed_memfd(MiB)
+    try:
+        offer = ext(EXT_TRANSPORT, bytes([SHM]) + struct.pack("<Q", MiB))
+        body = struct.pack("<II", 2, 2) + offer
+        socket.send_fds(
+            peer.sock, [header(OP_HELLO, body_bytes=len(body)) + body], [peer.fd, extra]
+        )
+        frame = peer.raw.read_frame()
+        assert frame is not None and frame[0][2] & 1
+        assert b"got 2 descriptors" in frame[1], frame[1]
+    finally:
+        os.close(extra)
+        peer.close()
+
+
+def test_an_arena_over_the_cap_is_refused(start_node: ServerFactory) -> None:
+    node = start_node(env={"KVPOOL_SHM_MAX_ARENA_BYTES": "8MiB"})
+    peer = RawShm(shm_path(node), 16 * MiB)
+    try:
+        frame = peer.hello()
+        assert frame is not None and frame[0][2] & 1
+        assert b"shm_max_arena_bytes is 8388608" in frame[1], frame[1]
+    finally:
+        peer.close()
+    with pytest.raises(kvpool.KVPoolError, match="shm_max_arena_bytes"):
+        kvpool.Client(node.address, transport="shm", arena=kvpool.StagingArena(16 * MiB))
+    with kvpool.Client(node.address, arena=kvpool.StagingArena(16 * MiB)) as c:
+        assert c.transport == "tcp"  # auto falls back
+    with kvpool.Client(node.address, arena=kvpool.StagingArena(4 * MiB)) as c:
+        assert c.transport == "shm"
+
+
+def test_one_buffer_passed_twice_works_on_shm(shm_node: ServerProcess) -> None:
+    with kvpool.Client(shm_node.address, transport="shm") as c:
+        buf = c.staging_buffer(8 * KiB)
+        buf[:] = os.urandom(len(buf))
+        keys = random_keys(3)
+        assert c.put(keys, [buf, buf, buf[: 4 * KiB]]) == 3  # overlapping runs: later ones inline
+        assert c.get(keys) == [bytes(buf)] * 2 + [bytes(buf[: 4 * KiB])]
+        out = c.staging_buffer(8 * KiB)
+        assert c.get_into(keys[:2], [out, out]) == [True, True]
+        assert bytes(out) == bytes(buf)
 
 
 # --- Node restarts ------------------------------------------------------------------------------
@@ -453,10 +535,19 @@ def as_uid(uid: int, fn: Callable[[], str]) -> str:
         os.write(w, out.encode())
         os._exit(0)
     os.close(w)
+    deadline = time.monotonic() + 60
+    chunks = []
     with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([f], [], [], deadline - time.monotonic())
+            chunk = f.read1(4096) if ready else b""
+            if not chunk:
+                break
+            chunks.append(chunk)
+    if time.monotonic() >= deadline:
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    return out
+    return b"".join(chunks).decode()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")

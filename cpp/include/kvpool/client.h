@@ -1,6 +1,7 @@
 // Client for one storage node: batched, pipelined requests with a deadline on every call.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -128,7 +129,8 @@ class Client {
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Connection>> idle_;
   std::shared_ptr<StagingArena> arena_;
-  bool use_shm_ = false;  // shared memory chosen at Connect
+  bool use_shm_ = false;  // the node serves shared memory on this host
+  std::chrono::steady_clock::time_point shm_retry_at_{};  // after a failure: TCP until then
   std::string shm_path_;  // the node's socket, as its last TCP HELLO named it
   std::string node_id_;   // the node's identity, from its last TCP HELLO
   bool fallback_logged_ = false;

@@ -94,7 +94,12 @@ Status ForEachExt(std::span<const uint8_t> bytes, OnExt on_ext) {
     std::memcpy(&zero, bytes.data() + at + 2, 2);
     std::memcpy(&len, bytes.data() + at + 4, 4);
     at += kExtHeaderBytes;
-    if (zero != 0 || len > bytes.size() - at) {
+    if (zero != 0) {
+      return Status(ErrorCode::kBadFrame, "HELLO extension of type " + std::to_string(type) +
+                                              " has " + std::to_string(zero) +
+                                              " in its reserved field (must be 0)");
+    }
+    if (len > bytes.size() - at) {
       return Status(ErrorCode::kBadFrame, "HELLO extension of type " + std::to_string(type) +
                                               " claims " + std::to_string(len) + " bytes, " +
                                               std::to_string(bytes.size() - at) + " remain");

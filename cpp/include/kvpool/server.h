@@ -33,8 +33,12 @@ struct ServerOptions {
   /// The shared-memory socket. Empty: $XDG_RUNTIME_DIR (else /tmp)
   /// /kvpool-<uid>/node-<host>-<port>.sock, in a directory only this uid can enter.
   std::string shm_socket;
-  /// Peers allowed on the shared-memory socket besides this process's uid and root (SO_PEERCRED).
+  /// Peers allowed on the shared-memory socket besides this process's uid and root (SO_PEERCRED:
+  /// the peer's uid, or its primary gid).
   std::vector<uint32_t> shm_allow_uids, shm_allow_gids;
+  /// Largest arena one connection may map, and all connections together (address space).
+  uint64_t shm_max_arena_bytes = uint64_t{64} << 30;
+  uint64_t shm_max_mapped_bytes = uint64_t{1} << 40;
 };
 
 /// Serves the protocol on one listening socket. Each connection gets an I/O thread that reads
@@ -68,6 +72,8 @@ class Server {
   /// Per-transport counters (STATS "transports").
   struct TransportCounters {
     std::atomic<uint64_t> connections{0}, accepted{0}, bytes_in{0}, bytes_out{0};
+    /// Of those, the bytes copied through the peer's memory (described entries).
+    std::atomic<uint64_t> copied_in{0}, copied_out{0};
   };
 
  private:
@@ -88,6 +94,7 @@ class Server {
   int wake_[2] = {-1, -1};  // a pipe: Stop() wakes the accept loop through it
   std::string node_id_;
   std::array<TransportCounters, kTransportKinds> per_transport_;
+  std::atomic<uint64_t> shm_mapped_{0};
   std::atomic<bool> stopping_{false};
   std::thread accept_thread_;
   mutable std::mutex conns_mu_;

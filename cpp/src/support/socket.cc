@@ -175,18 +175,17 @@ Result<Fd> ConnectUnix(const std::string& path, Deadline deadline) {
   if (!addr.ok()) return addr.status();
   Fd fd(socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!fd.valid()) return Errno("socket");
-  if (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
-    if (errno != EAGAIN && errno != EINPROGRESS) {
+  // A unix-domain connect never completes later: EAGAIN means the listener's backlog is full
+  // and nothing was connected, so try again until the deadline.
+  while (connect(fd.get(), reinterpret_cast<sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN) {
       return Status(ErrorCode::kConnection, "connect " + path + ": " + std::strerror(errno));
     }
-    // A full backlog: wait until the socket is writable, then read the outcome.
-    Status s = Wait(fd.get(), POLLOUT, deadline);
-    if (!s.ok()) return Status(s.code(), "connect " + path + ": timed out");
-    int err = 0;
-    socklen_t len = sizeof err;
-    getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err != 0)
-      return Status(ErrorCode::kConnection, "connect " + path + ": " + std::strerror(err));
+    if (deadline.PollTimeoutMs() == 0) {
+      return Status(ErrorCode::kTimeout, "connect " + path + ": backlog full until the deadline");
+    }
+    poll(nullptr, 0, 1);
   }
   return fd;
 }
@@ -225,7 +224,7 @@ Status SendAllWithFd(int fd, struct iovec* iov, size_t iovcnt, int pass_fd, Dead
 }
 
 Status RecvAllKeepFds(int fd, void* buf, size_t n, Deadline deadline, std::vector<Fd>* fds,
-                      size_t max_fds) {
+                      size_t max_fds, size_t* received) {
   auto* p = static_cast<uint8_t*>(buf);
   while (n > 0) {
     alignas(cmsghdr) char control[CMSG_SPACE(4 * sizeof(int))];
@@ -244,6 +243,7 @@ Status RecvAllKeepFds(int fd, void* buf, size_t n, Deadline deadline, std::vecto
           int passed;
           std::memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
           Fd owned(passed);
+          ++*received;
           if (fds->size() < max_fds) fds->push_back(std::move(owned));
         }
       }

@@ -65,9 +65,9 @@ Result<PeerCredentials> GetPeerCredentials(int fd);
 /// Like SendAll, with `pass_fd` attached (SCM_RIGHTS) to the first byte.
 Status SendAllWithFd(int fd, struct iovec* iov, size_t iovcnt, int pass_fd, Deadline deadline);
 /// Like RecvAll on a unix-domain socket, keeping descriptors passed with the bytes (at most
-/// `max_fds` are kept in `fds`; others are closed).
+/// `max_fds` are kept in `fds`; others are closed). `*received` counts every one that arrived.
 Status RecvAllKeepFds(int fd, void* buf, size_t n, Deadline deadline, std::vector<Fd>* fds,
-                      size_t max_fds);
+                      size_t max_fds, size_t* received);
 
 /// Reads exactly `n` bytes. Closed on EOF, Timeout past the deadline, Connection on socket errors.
 Status RecvAll(int fd, void* buf, size_t n, Deadline deadline);

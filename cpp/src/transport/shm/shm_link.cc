@@ -50,6 +50,9 @@ Status ShmLink::CheckRuns(std::span<const PeerBuffer> runs) {
 Status ShmLink::ReadPeer(std::span<const PeerBuffer> from, std::span<const MutableBuffer> into) {
   for (size_t i = 0; i < from.size(); ++i) {
     if (!from[i].described() || into[i].data == nullptr) continue;
+    if (from[i].addr > bytes_ || from[i].size > bytes_ - from[i].addr) {
+      return Status(ErrorCode::kInternal, "entry " + std::to_string(i) + " was not checked");
+    }
     // CheckRuns validated from[i]; the destination is the block's reservation of that length.
     if (into[i].size != from[i].size) {
       return Status(ErrorCode::kInternal, "entry " + std::to_string(i) + ": reservation of " +
@@ -65,6 +68,9 @@ Status ShmLink::ReadPeer(std::span<const PeerBuffer> from, std::span<const Mutab
 Status ShmLink::WritePeer(std::span<const ConstBuffer> blocks, std::span<const PeerBuffer> to) {
   for (size_t i = 0; i < blocks.size(); ++i) {
     if (blocks[i].data != nullptr && i < to.size() && DeliveredInPeer(to[i], blocks[i].size)) {
+      if (to[i].addr > bytes_ || to[i].size > bytes_ - to[i].addr) {
+        return Status(ErrorCode::kInternal, "entry " + std::to_string(i) + " was not checked");
+      }
       std::memcpy(base_ + to[i].addr, blocks[i].data, blocks[i].size);
     }
   }
