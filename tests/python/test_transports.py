@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +180,78 @@ def test_auto_falls_back_to_tcp_when_the_socket_is_unreachable(
         assert c.get(keys) == [b"x" * 100] * 4
     with pytest.raises(kvpool.KVPoolConnectionError, match=str(sock)):
         kvpool.Client(node.address, transport="shm")
+
+
+_FALLBACK_LOG = textwrap.dedent(
+    """
+    import sys, threading, kvpool
+    c = kvpool.Client(sys.argv[1], max_idle_connections=0)  # every call dials anew
+    for _ in range(5):
+        assert c.get([bytes(16)]) == [None]
+    print(c.transport)
+    """
+)
+
+
+def test_fallback_is_logged_once_with_the_reason(start_node: ServerFactory, tmp_path: Path) -> None:
+    sock = tmp_path / "node.sock"
+    node = start_node(extra=["--shm-socket", str(sock)])
+    sock.unlink()
+    out = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_LOG, node.address],
+        capture_output=True, text=True, env=child_env(), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tcp"
+    lines = [ln for ln in out.stderr.splitlines() if "shared memory unavailable" in ln]
+    assert len(lines) == 1, out.stderr
+    assert str(sock) in lines[0]  # the reason names the socket
+
+
+def test_a_socket_answering_as_another_node_gets_no_blocks(
+    start_node: ServerFactory, tmp_path: Path
+) -> None:
+    """A listener at the advertised path that is not the node (another node, or anything else
+    of this uid) is detected by the node id and not used."""
+    sock = tmp_path / "node.sock"
+    node = start_node(extra=["--shm-socket", str(sock)])
+    sock.unlink()  # the node keeps its socket; a stranger now owns the path
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fake.bind(str(sock))
+    fake.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        fake.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = fake.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                msg, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+                for fd in fds:
+                    os.close(fd)
+                request_id = struct.unpack_from("<Q", msg, 8)[0]
+                limits = struct.pack("<IIQQ", 2, 4096, 1 << 30, 256 << 20)
+                body = limits + ext(EXT_TRANSPORT, bytes([SHM])) + ext(EXT_NODE_ID, b"x" * 16)
+                conn.sendall(header(OP_HELLO, body_bytes=len(body), request_id=request_id) + body)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with kvpool.Client(node.address) as c:
+            assert c.transport == "tcp"
+            keys = random_keys(2)
+            assert c.put(keys, [b"y" * 10] * 2) == 2
+            assert c.get(keys) == [b"y" * 10] * 2
+        with pytest.raises(kvpool.KVPoolConnectionError, match="does not belong to node"):
+            kvpool.Client(node.address, transport="shm")
+    finally:
+        stop.set()
+        t.join()
+        fake.close()
 
 
 # --- Exact bytes --------------------------------------------------------------------------------
