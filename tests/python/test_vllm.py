@@ -182,9 +182,9 @@ def transport_bytes(pool: Pool) -> dict[str, dict[str, int]]:
         for m in c.members():
             with kvpool.Client(m.address, transport="tcp") as node:
                 for name, t in node.stats()["transports"].items():
-                    mine = total.setdefault(name, {"bytes_in": 0, "bytes_out": 0})
-                    mine["bytes_in"] += t["bytes_in"]
-                    mine["bytes_out"] += t["bytes_out"]
+                    mine = total.setdefault(name, dict.fromkeys(t, 0))
+                    for k in ("bytes_in", "bytes_out", "copied_in", "copied_out"):
+                        mine[k] += t[k]
     return total
 
 
@@ -212,8 +212,9 @@ def test_engine_a_stores_its_blocks_and_its_outputs_are_unchanged(
     # Every full prompt block is stored once: the prefix, then each prompt's own full block.
     assert worker["saved_blocks"] == PREFIX_BLOCKS + 3, worker
     assert worker["save_errors"] == 0 and worker["loaded_blocks"] == 0
-    # Node and engine share this host: the saves crossed over shared memory.
-    assert transport_bytes(pool)["shm"]["bytes_in"] >= worker["saved_bytes"] > 0
+    # Node and engine share this host: the saves crossed over shared memory, copied by the nodes
+    # straight out of the worker's staging arena (no bytes on the socket).
+    assert transport_bytes(pool)["shm"]["copied_in"] >= worker["saved_bytes"] > 0
     ns = pool.namespace("a")
     assert ns.attention_backend == "CPU_ATTN" and ns.kv_layout.startswith("paged/")
     assert ns.block_tokens == BLOCK and ns.tp_size == 1 and ns.dtype in ("bfloat16", "float32")
@@ -241,7 +242,7 @@ def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(
     assert worker["loaded_bytes"] == external_blocks * (worker["loaded_bytes"] // external_blocks)
     # Greedy outputs are bit-for-bit those of the engine that computed everything itself.
     assert pool.outputs("b") == pool.outputs("ref")
-    assert transport_bytes(pool)["shm"]["bytes_out"] >= worker["loaded_bytes"]
+    assert transport_bytes(pool)["shm"]["copied_out"] >= worker["loaded_bytes"]
 
 
 def test_engine_forced_to_tcp_loads_the_same_blocks(
