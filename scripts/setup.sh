@@ -13,7 +13,7 @@ APT_PACKAGES=(
   redis-server                 # cluster metadata; benchmark peer
   iperf3                       # benchmark: the loopback link's limit
   iproute2                     # benchmark: private network namespace for Mooncake
-  libibverbs1                  # benchmark: the Mooncake wheel links it even over TCP
+  libibverbs-dev               # RDMA transport headers (libibverbs is loaded at run time); Mooncake links it
 )
 
 missing=()

@@ -19,6 +19,8 @@
 #include "kvpool/server.h"
 #include "kvpool/staging.h"
 #include "kvpool/transport.h"
+#include "transport/rdma/devices.h"
+#include "transport/rdma/ibverbs.h"
 
 namespace py = pybind11;
 using namespace kvpool;
@@ -234,6 +236,46 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_log_level", &SetLogThreshold);
   m.def("host_id", &LocalHostId);
+  m.def("rdma_probe", [] {
+    const rdma::VerbsProbe p = rdma::ProbeVerbs();
+    py::dict out;
+    out["built"] = p.built;
+    out["library"] = p.library;
+    out["devices"] = p.devices;
+    out["reason"] = p.reason;
+    return out;
+  });
+  m.def(
+      "rdma_devices",
+      [](const std::string& root) {
+        py::list out;
+        for (const rdma::DeviceInfo& d : rdma::DiscoverDevices(root)) {
+          py::list ports;
+          for (const rdma::PortInfo& p : d.ports) {
+            py::list gids;
+            for (const rdma::GidEntry& g : p.gids) {
+              py::dict gid;
+              gid["index"] = g.index;
+              gid["roce_v2"] = g.roce_v2;
+              gid["ipv4"] = g.ipv4();
+              gids.append(gid);
+            }
+            py::dict port;
+            port["number"] = p.number;
+            port["active"] = p.active;
+            port["link_layer"] = p.link_layer;
+            port["gids"] = gids;
+            ports.append(port);
+          }
+          py::dict dev;
+          dev["name"] = d.name;
+          dev["numa_node"] = d.numa_node;
+          dev["ports"] = ports;
+          out.append(dev);
+        }
+        return out;
+      },
+      py::arg("root") = "/sys/class/infiniband");
   m.def("error_code_name", [](int code) { return ErrorCodeName(static_cast<ErrorCode>(code)); });
 
   py::class_<Namespace>(m, "Namespace")
