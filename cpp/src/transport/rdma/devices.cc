@@ -216,8 +216,10 @@ Result<int> ChooseGid(const DeviceInfo& device, const PortInfo& port, LinkType l
       return g.index;
     }
   }
-  return Invalid(where + " has no RoCE v2 GID of an IPv4 address: give the index in the device "
-                         "list (" + device.name + ":N) or configure an IPv4 address on its netdev");
+  return Invalid(where +
+                 " has no RoCE v2 GID of an IPv4 address: give the index in the device "
+                 "list (" +
+                 device.name + ":N) or configure an IPv4 address on its netdev");
 }
 
 Result<Selection> SelectDevice(const std::vector<DeviceInfo>& found,
@@ -238,8 +240,8 @@ Result<Selection> SelectDevice(const std::vector<DeviceInfo>& found,
       auto it = std::find_if(found.begin(), found.end(),
                              [&](const DeviceInfo& d) { return d.name == r.name; });
       if (it == found.end()) {
-        return Invalid("RDMA device '" + r.name + "' is not on this machine (found: " +
-                       DescribeDevices(found) + ")");
+        return Invalid("RDMA device '" + r.name +
+                       "' is not on this machine (found: " + DescribeDevices(found) + ")");
       }
       candidates.push_back({&*it, r.gid_index});
     }

@@ -42,8 +42,8 @@ struct GidEntry {
 
 struct PortInfo {
   int number = 1;
-  bool active = false;      ///< sysfs state "4: ACTIVE"
-  std::string link_layer;   ///< "InfiniBand" or "Ethernet"
+  bool active = false;         ///< sysfs state "4: ACTIVE"
+  std::string link_layer;      ///< "InfiniBand" or "Ethernet"
   std::vector<GidEntry> gids;  ///< populated entries only (all-zero GIDs are unused slots)
 };
 

@@ -37,14 +37,16 @@ const Library& Load() {
       return;
     }
     auto sym = [&](const char* name) { return dlsym(lib.handle, name); };
-    lib.get_device_list = reinterpret_cast<decltype(lib.get_device_list)>(sym("ibv_get_device_list"));
+    lib.get_device_list =
+        reinterpret_cast<decltype(lib.get_device_list)>(sym("ibv_get_device_list"));
     lib.free_device_list =
         reinterpret_cast<decltype(lib.free_device_list)>(sym("ibv_free_device_list"));
-    lib.get_device_name = reinterpret_cast<decltype(lib.get_device_name)>(sym("ibv_get_device_name"));
+    lib.get_device_name =
+        reinterpret_cast<decltype(lib.get_device_name)>(sym("ibv_get_device_name"));
     lib.open_device = reinterpret_cast<decltype(lib.open_device)>(sym("ibv_open_device"));
     lib.close_device = reinterpret_cast<decltype(lib.close_device)>(sym("ibv_close_device"));
-    if (!lib.get_device_list || !lib.free_device_list || !lib.get_device_name ||
-        !lib.open_device || !lib.close_device) {
+    if (!lib.get_device_list || !lib.free_device_list || !lib.get_device_name || !lib.open_device ||
+        !lib.close_device) {
       lib.error = "libibverbs.so.1 lacks the verbs entry points (too old an rdma-core?)";
       lib.handle = nullptr;
     }
@@ -91,8 +93,9 @@ VerbsProbe ProbeVerbs() {
                                     : "no RDMA device could be opened: " + unopened;
   }
 #else
-  probe.reason = "kvpool was built without the rdma-core headers (apt-get install libibverbs-dev, "
-                 "then rebuild)";
+  probe.reason =
+      "kvpool was built without the rdma-core headers (apt-get install libibverbs-dev, "
+      "then rebuild)";
 #endif
   return probe;
 }
