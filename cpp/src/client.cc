@@ -9,6 +9,7 @@
 
 #include "support/log.h"
 #include "support/socket.h"
+#include "transport/rdma/verbs.h"
 #include "transport/shm/shm_link.h"
 
 namespace kvpool {
@@ -52,29 +53,28 @@ class ClientConnection {
 
   /// The handshake. With `arena`, offers shared memory and passes the arena's memfd with the
   /// HELLO (a unix-domain connection); without, speaks v1 or v2 as the node does.
-  Status Hello(net::Deadline deadline, const StagingArena* arena) {
+  /// With an `offer` (the transport extension's value), speaks v2 only and passes `pass_fd`
+  /// (>= 0: shared memory's arena memfd) with the HELLO; without, speaks v1 or v2 as the node
+  /// does.
+  Status Hello(net::Deadline deadline, std::string_view offer = {}, int pass_fd = -1) {
     std::string body(protocol::kHelloRequestBytes, '\0');
-    const uint32_t min = arena ? 2 : protocol::kMinVersion, max = protocol::kVersion;
+    const uint32_t min = offer.empty() ? protocol::kMinVersion : 2, max = protocol::kVersion;
     std::memcpy(body.data(), &min, 4);
     std::memcpy(body.data() + 4, &max, 4);
     Header h;
     h.op = Op::kHello;
     h.request_id = ++next_id_;
-    if (arena != nullptr) {
-      std::string offer(1, static_cast<char>(TransportKind::kShm));
-      const uint64_t bytes = arena->size();
-      offer.append(reinterpret_cast<const char*>(&bytes), 8);
-      protocol::AppendExt(body, protocol::Ext::kTransport, offer);
-    }
+    if (!offer.empty()) protocol::AppendExt(body, protocol::Ext::kTransport, offer);
     h.body_bytes = body.size();
     uint8_t raw[protocol::kHeaderBytes];
     protocol::EncodeHeader(h, raw);
     iovec iov[2] = {{raw, sizeof raw}, {body.data(), body.size()}};
-    KVPOOL_RETURN_IF_ERROR(arena ? net::SendAllWithFd(fd_.get(), iov, 2, arena->fd(), deadline)
-                                 : net::SendAll(fd_.get(), iov, 2, deadline));
+    KVPOOL_RETURN_IF_ERROR(pass_fd >= 0 ? net::SendAllWithFd(fd_.get(), iov, 2, pass_fd, deadline)
+                                        : net::SendAll(fd_.get(), iov, 2, deadline));
     Header r;
     KVPOOL_RETURN_IF_ERROR(ReadReplyHeader(Op::kHello, h.request_id, deadline, &r));
-    if (r.body_bytes < protocol::kHelloReplyBytes || r.body_bytes > protocol::kMaxHelloBytes) {
+    if (r.body_bytes < protocol::kHelloReplyBytes ||
+        r.body_bytes > protocol::kHelloReplyBytes + protocol::kMaxHelloBytes - 8) {
       return BadReply("HELLO reply size");
     }
     std::vector<uint8_t> reply(r.body_bytes);
@@ -89,8 +89,12 @@ class ClientConnection {
                                 [&](uint16_t type, std::string_view value) -> Status {
                                   switch (static_cast<protocol::Ext>(type)) {
                                     case protocol::Ext::kTransport:
-                                      if (value.size() != 1) return BadReply("transport answer");
+                                      if (value.empty()) return BadReply("transport answer");
                                       kind = static_cast<TransportKind>(value[0]);
+                                      answer = value.substr(1);
+                                      break;
+                                    case protocol::Ext::kTransports:
+                                      offers = value;
                                       break;
                                     case protocol::Ext::kNodeId:
                                       node_id = value;
@@ -192,6 +196,9 @@ class ClientConnection {
   TransportKind kind = TransportKind::kTcp;
   const StagingArena* arena = nullptr;  // shared memory: the arena the node mapped
   std::string node_id, shm_host, shm_path;
+  std::string answer;  // the transport answer's bytes after its kind (RDMA: the node's QP)
+  std::string offers;  // kinds the node serves beyond tcp (v2 TCP HELLO reply)
+  std::unique_ptr<rdma::QueuePair> qp;  // RDMA: this connection's queue pair
 
  private:
   net::Fd fd_;
@@ -269,7 +276,10 @@ Status Pipeline(size_t frames, size_t window, SendFn send, RecvFn recv) {
 }  // namespace
 
 Client::Client(const ClientOptions& options) : options_(options) {}
-Client::~Client() = default;
+Client::~Client() {
+  idle_.clear();  // their queue pairs first, then the region they name
+  if (rdma_device_ != nullptr && arena_mr_ != nullptr) rdma_device_->Deregister(*arena_mr_);
+}
 
 std::string Client::address() const { return options_.host + ":" + std::to_string(options_.port); }
 
@@ -277,8 +287,10 @@ Result<TransportChoice> ParseTransportChoice(std::string_view name) {
   if (name == "auto") return TransportChoice::kAuto;
   if (name == "tcp") return TransportChoice::kTcp;
   if (name == "shm") return TransportChoice::kShm;
-  return Status(ErrorCode::kInvalidArgument,
-                "transport must be 'auto', 'tcp' or 'shm', got '" + std::string(name) + "'");
+  if (name == "rdma") return TransportChoice::kRdma;
+  return Status(
+      ErrorCode::kInvalidArgument,
+      "transport must be 'auto', 'tcp', 'shm' or 'rdma', got '" + std::string(name) + "'");
 }
 
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
@@ -299,6 +311,33 @@ Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
 
 Status Client::ChooseTransport(std::unique_ptr<Connection>& tcp, net::Deadline deadline) {
   if (options_.transport == TransportChoice::kTcp) return Status::Ok();
+  const bool offers_rdma =
+      tcp->offers.find(static_cast<char>(TransportKind::kRdma)) != std::string::npos;
+  const bool same_host = !tcp->shm_path.empty() && tcp->shm_host == LocalHostId();
+  // RDMA when asked for, or (auto) when the node is on another host and offers it.
+  if (options_.transport == TransportChoice::kRdma ||
+      (options_.transport == TransportChoice::kAuto && !same_host && offers_rdma)) {
+    Status why =
+        offers_rdma ? Status::Ok()
+                    : Status(ErrorCode::kUnsupported, "node " + address() + " does not serve RDMA");
+    if (why.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        use_rdma_ = true;
+      }
+      auto rdma = DialRdma(deadline);
+      if (rdma.ok()) {
+        tcp = std::move(rdma.value());
+        return Status::Ok();
+      }
+      why = rdma.status();
+      std::lock_guard<std::mutex> lock(mu_);
+      shm_retry_at_ = std::chrono::steady_clock::now() + kShmRetryAfter;
+    }
+    if (options_.transport == TransportChoice::kRdma) return why;
+    NoteFallback(why);
+    return Status::Ok();
+  }
   Status why;
   if (tcp->shm_path.empty()) {
     why = Status(ErrorCode::kUnsupported,
@@ -333,7 +372,7 @@ void Client::NoteFallback(const Status& why) {
     if (fallback_logged_) return;
     fallback_logged_ = true;
   }
-  KVPOOL_LOG(kWarning, "shared memory unavailable, using tcp", "node", address(), "reason",
+  KVPOOL_LOG(kWarning, "shared memory or RDMA unavailable, using tcp", "node", address(), "reason",
              why.ToString());
 }
 
@@ -352,7 +391,7 @@ Result<std::unique_ptr<Connection>> Client::DialTcp(net::Deadline deadline) {
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
-  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, nullptr));
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline));
   std::lock_guard<std::mutex> lock(mu_);
   node_id_ = conn->node_id;
   shm_path_ = conn->shm_path;
@@ -381,7 +420,10 @@ Result<std::unique_ptr<Connection>> Client::DialShm(net::Deadline deadline) {
                       std::to_string(geteuid()) + " nor root: the arena is not handed over");
   }
   auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (" + path + ")");
-  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, arena.value().get()));
+  std::string offer(1, static_cast<char>(TransportKind::kShm));
+  const uint64_t arena_bytes = arena.value()->size();
+  offer.append(reinterpret_cast<const char*>(&arena_bytes), 8);
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, offer, arena.value()->fd()));
   if (conn->kind == TransportKind::kShm && conn->node_id != node_id) {
     // The node may have restarted since its last TCP HELLO: ask again which node serves there.
     auto tcp = DialTcp(deadline);
@@ -397,8 +439,52 @@ Result<std::unique_ptr<Connection>> Client::DialShm(net::Deadline deadline) {
   return conn;
 }
 
+Result<std::unique_ptr<Connection>> Client::DialRdma(net::Deadline deadline) {
+  auto arena = EnsureArena();
+  if (!arena.ok()) return arena.status();
+  rdma::MemoryRegion mr;
+  rdma::Device* device;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (rdma_device_ == nullptr) {
+      auto opened = rdma::OpenDevice();
+      if (!opened.ok()) return opened.status();
+      auto registered =
+          opened.value()->Register(arena.value()->base(), arena.value()->size(),
+                                   rdma::kLocalWrite | rdma::kRemoteRead | rdma::kRemoteWrite);
+      if (!registered.ok()) return registered.status();
+      rdma_device_ = std::move(opened.value());
+      arena_mr_ = std::make_unique<rdma::MemoryRegion>(registered.value());
+    }
+    mr = *arena_mr_;
+    device = rdma_device_.get();
+  }
+  auto qp = device->CreateQp(64);
+  if (!qp.ok()) return qp.status();
+  auto fd = net::Connect(options_.host, options_.port, deadline);
+  if (!fd.ok()) return fd.status();
+  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (rdma)");
+  // The offer: our QP, and the arena as a region the node may READ and WRITE.
+  std::string offer(1, static_cast<char>(TransportKind::kRdma));
+  offer += rdma::EncodeQpAddress(qp.value()->address());
+  offer.append(reinterpret_cast<const char*>(&mr.addr), 8);
+  offer.append(reinterpret_cast<const char*>(&mr.length), 8);
+  offer.append(reinterpret_cast<const char*>(&mr.rkey), 4);
+  KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline, offer));
+  rdma::QpAddress node;
+  if (conn->kind != TransportKind::kRdma) {
+    return Status(ErrorCode::kUnsupported, "node " + address() + " answered the RDMA offer with " +
+                                               TransportKindName(conn->kind));
+  }
+  if (!rdma::DecodeQpAddress(conn->answer, &node)) return conn->BadReply("RDMA answer");
+  KVPOOL_RETURN_IF_ERROR(qp.value()->Connect(node));
+  conn->qp = std::move(qp.value());
+  conn->arena = arena.value().get();
+  return conn;
+}
+
 Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
-  bool shm;
+  bool shm, rdma;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (allow_idle && !idle_.empty()) {
@@ -407,17 +493,18 @@ Result<std::unique_ptr<Connection>> Client::Acquire(bool allow_idle) {
       last_kind_ = c->kind;
       return c;
     }
-    shm = use_shm_ && (options_.transport == TransportChoice::kShm ||
-                       std::chrono::steady_clock::now() >= shm_retry_at_);
+    const bool retry_due = std::chrono::steady_clock::now() >= shm_retry_at_;
+    rdma = use_rdma_ && (options_.transport == TransportChoice::kRdma || retry_due);
+    shm = !rdma && use_shm_ && (options_.transport == TransportChoice::kShm || retry_due);
   }
   const auto deadline = net::Deadline::In(
       std::chrono::milliseconds(std::min(options_.timeout_ms, options_.connect_timeout_ms)));
   Result<std::unique_ptr<Connection>> conn = Status(ErrorCode::kInternal, "no connection");
   Status shm_failed;
-  if (shm) {
-    conn = DialShm(deadline);
+  if (shm || rdma) {
+    conn = rdma ? DialRdma(deadline) : DialShm(deadline);
     if (!conn.ok()) {
-      if (options_.transport == TransportChoice::kShm) return conn.status();
+      if (options_.transport != TransportChoice::kAuto) return conn.status();
       shm_failed = conn.status();  // this connection goes over TCP
     }
   }

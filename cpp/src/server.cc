@@ -17,6 +17,8 @@
 
 #include "support/log.h"
 #include "support/socket.h"
+#include "transport/rdma/rdma_link.h"
+#include "transport/rdma/verbs.h"
 #include "transport/shm/shm_link.h"
 #include "transport/tcp/tcp_link.h"
 
@@ -60,6 +62,8 @@ struct NodeFacts {
   const std::string& shm_path;  ///< empty: shared memory not served
   std::array<Server::TransportCounters, kTransportKinds>& counters;
   std::atomic<uint64_t>& shm_mapped;  ///< arena bytes mapped by all connections
+  rdma::Device* rdma_device;          ///< null: RDMA not served
+  const rdma::MemoryRegion* rdma_pool;
 };
 
 class FrameHandler {
@@ -97,6 +101,9 @@ class FrameHandler {
       if (!s.ok()) return s;
     }
   }
+
+  /// The transport the connection is counted under (its listener's, or RDMA after HELLO).
+  TransportKind link_kind() const { return counted_; }
 
   /// The peer may not use this socket: its HELLO is answered with `why`.
   void Refuse(Status why) { refused_ = std::move(why); }
@@ -192,6 +199,7 @@ class FrameHandler {
     // Extensions: the transport offer (unknown types are skipped, for newer clients).
     int offered = -1;
     uint64_t arena_bytes = 0;
+    std::string rdma_offer;
     Status s = protocol::ForEachExt(
         std::span<const uint8_t>(hello_body_).subspan(protocol::kHelloRequestBytes),
         [&](uint16_t type, std::string_view value) -> Status {
@@ -205,6 +213,7 @@ class FrameHandler {
             }
             std::memcpy(&arena_bytes, value.data() + 1, 8);
           }
+          if (offered == static_cast<int>(TransportKind::kRdma)) rdma_offer = value.substr(1);
           return Status::Ok();
         });
     if (!s.ok()) return ReplyError(h, s);
@@ -236,6 +245,21 @@ class FrameHandler {
       mapped_ = arena_bytes;
       link_ = std::move(link.value());
     }
+    std::string answer_extra;
+    if (listener_ == TransportKind::kTcp && offered == static_cast<int>(TransportKind::kRdma) &&
+        node_.rdma_device != nullptr && version >= 2) {
+      // Anything that fails here answers tcp: the connection stays usable, the client falls back.
+      Status why = AcceptRdma(rdma_offer, &answer_extra);
+      if (why.ok()) {
+        --node_.counters[static_cast<size_t>(TransportKind::kTcp)].connections;
+        ++node_.counters[static_cast<size_t>(TransportKind::kRdma)].connections;
+        ++node_.counters[static_cast<size_t>(TransportKind::kRdma)].accepted;
+        counted_ = TransportKind::kRdma;
+      } else {
+        KVPOOL_LOG(kInfo, "RDMA offer answered with tcp", "reason", why.ToString());
+        answer_extra.clear();
+      }
+    }
     // On TCP an offer of another kind is answered with the kind in use: tcp.
     version_ = version;
     hello_done_ = true;
@@ -244,8 +268,15 @@ class FrameHandler {
     std::string reply(protocol::kHelloReplyBytes, '\0');
     protocol::EncodeLimits(limits, reinterpret_cast<uint8_t*>(reply.data()));
     if (version >= 2) {
-      const char kind = static_cast<char>(link_->kind());
-      protocol::AppendExt(reply, protocol::Ext::kTransport, std::string_view(&kind, 1));
+      std::string answer(1, static_cast<char>(link_->kind()));
+      answer += answer_extra;
+      protocol::AppendExt(reply, protocol::Ext::kTransport, answer);
+      if (listener_ == TransportKind::kTcp) {
+        std::string offers;
+        if (!node_.shm_path.empty()) offers += static_cast<char>(TransportKind::kShm);
+        if (node_.rdma_device != nullptr) offers += static_cast<char>(TransportKind::kRdma);
+        protocol::AppendExt(reply, protocol::Ext::kTransports, offers);
+      }
       protocol::AppendExt(reply, protocol::Ext::kNodeId, node_.node_id);
       if (listener_ == TransportKind::kTcp && !node_.shm_path.empty()) {
         const std::string& host = LocalHostId();
@@ -444,6 +475,33 @@ class FrameHandler {
     return Reply(h, static_cast<uint32_t>(n), status_.data(), n);
   }
 
+  /// Opens this connection's RDMA link for `offer` (QP address + arena region); `answer` gets
+  /// the node's QP address.
+  Status AcceptRdma(std::string_view offer, std::string* answer) {
+    rdma::QpAddress client;
+    if (offer.size() != rdma::kQpAddressBytes + rdma::kArenaRegionBytes ||
+        !rdma::DecodeQpAddress(offer, &client)) {
+      return Status(ErrorCode::kBadFrame,
+                    "RDMA offer of " + std::to_string(offer.size()) + " bytes, expected " +
+                        std::to_string(rdma::kQpAddressBytes + rdma::kArenaRegionBytes));
+    }
+    rdma::MemoryRegion arena;
+    const char* p = offer.data() + rdma::kQpAddressBytes;
+    std::memcpy(&arena.addr, p, 8);
+    std::memcpy(&arena.length, p + 8, 8);
+    std::memcpy(&arena.rkey, p + 16, 4);
+    if (arena.length == 0 || arena.length > options_.shm_max_arena_bytes) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "RDMA arena of " + std::to_string(arena.length) + " bytes refused");
+    }
+    auto qp = node_.rdma_device->CreateQp(64);
+    if (!qp.ok()) return qp.status();
+    KVPOOL_RETURN_IF_ERROR(qp.value()->Connect(client));
+    *answer = rdma::EncodeQpAddress(qp.value()->address());
+    link_ = std::make_unique<RdmaLink>(fd_, std::move(qp.value()), *node_.rdma_pool, arena);
+    return Status::Ok();
+  }
+
   /// True when `h` is described but this connection's link has no peer memory (BadFrame sent).
   Status CheckDescribed(const Header& h) {
     if (!(h.flags & protocol::kFlagDescribed) || link_->kind() != TransportKind::kTcp) {
@@ -456,6 +514,7 @@ class FrameHandler {
 
   int fd_;
   TransportKind listener_;
+  TransportKind counted_ = listener_;
   BlockStore& store_;
   const ServerOptions& options_;
   const NodeFacts& node_;
@@ -534,14 +593,10 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
                       std::to_string(protocol::kMinVersion) + ".." +
                       std::to_string(protocol::kVersion));
   }
-  bool shm = false;
+  bool shm = false, want_rdma = false;
   for (TransportKind kind : options.transports) {
-    if (kind == TransportKind::kShm) {
-      shm = true;
-    } else if (kind != TransportKind::kTcp) {
-      return Status(ErrorCode::kUnsupported, std::string("transport '") + TransportKindName(kind) +
-                                                 "' is not available in this build");
-    }
+    shm = shm || kind == TransportKind::kShm;
+    want_rdma = want_rdma || kind == TransportKind::kRdma;
   }
   if (shm && options.limits.version < 2) {
     return Status(ErrorCode::kInvalidArgument, "shared memory needs protocol version 2");
@@ -578,6 +633,23 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   server->wake_[0] = wake[0];
   server->wake_[1] = wake[1];
   server->node_id_ = RandomNodeId();
+  if (want_rdma && options.limits.version >= 2) {
+    // No device is no error: the node says why, once, and serves TCP and shared memory.
+    auto device = rdma::OpenDevice();
+    Result<rdma::MemoryRegion> pool = Status(ErrorCode::kUnsupported, "");
+    if (device.ok()) {
+      pool = device.value()->Register(server->store_->pool().base(),
+                                      server->store_->pool().capacity(), rdma::kLocalWrite);
+    }
+    if (device.ok() && pool.ok()) {
+      server->rdma_device_ = std::move(device.value());
+      server->rdma_pool_ = std::make_unique<rdma::MemoryRegion>(pool.value());
+      KVPOOL_LOG(kInfo, "RDMA served", "device", server->rdma_device_->name());
+    } else {
+      KVPOOL_LOG(kInfo, "RDMA not served", "reason",
+                 (device.ok() ? pool.status() : device.status()).ToString());
+    }
+  }
   server->accept_thread_ = std::thread([s = server.get()] { s->AcceptLoop(); });
   KVPOOL_LOG(kInfo, "server listening", "host", options.host, "port", port, "shm_socket",
              shm_path.empty() ? "off" : shm_path);
@@ -640,7 +712,8 @@ void Server::Admit(int fd, TransportKind listener) {
 
 void Server::Serve(Connection* conn) {
   const std::function<std::string()> stats = [this] { return StatsJson(); };
-  const NodeFacts node{options_, stats, node_id_, shm_path_, per_transport_, shm_mapped_};
+  const NodeFacts node{options_,       stats,       node_id_,           shm_path_,
+                       per_transport_, shm_mapped_, rdma_device_.get(), rdma_pool_.get()};
   FrameHandler handler(conn->fd.get(), conn->listener, *store_, node);
   if (conn->listener == TransportKind::kShm) {
     // Only processes of this uid (or root, or the configured uids and gids) may hand the node
@@ -668,7 +741,7 @@ void Server::Serve(Connection* conn) {
                s.ToString());
   }
   shutdown(conn->fd.get(), SHUT_RDWR);
-  --per_transport_[static_cast<size_t>(conn->listener)].connections;
+  --per_transport_[static_cast<size_t>(handler.link_kind())].connections;
   conn->done.store(true);
 }
 
@@ -708,6 +781,7 @@ void Server::Stop() {
   // Shutting the sockets down wakes every I/O thread; each aborts its reservations and exits.
   for (auto& c : conns) shutdown(c->fd.get(), SHUT_RDWR);
   for (auto& c : conns) c->thread.join();
+  if (rdma_device_ != nullptr && rdma_pool_ != nullptr) rdma_device_->Deregister(*rdma_pool_);
 }
 
 std::string Server::StatsJson() const {
@@ -733,8 +807,9 @@ std::string Server::StatsJson() const {
      << EvictionKindName(options_.store.eviction) << "\",\"shm_socket\":\"" << JsonEscape(shm_path_)
      << "\",\"transports\":{";
   bool first = true;
-  for (TransportKind kind : {TransportKind::kTcp, TransportKind::kShm}) {
+  for (TransportKind kind : {TransportKind::kTcp, TransportKind::kShm, TransportKind::kRdma}) {
     if (kind == TransportKind::kShm && shm_path_.empty()) continue;
+    if (kind == TransportKind::kRdma && rdma_device_ == nullptr) continue;
     const TransportCounters& t = per_transport_[static_cast<size_t>(kind)];
     os << (first ? "" : ",") << "\"" << TransportKindName(kind)
        << "\":{\"connections\":" << t.connections.load() << ",\"accepted\":" << t.accepted.load()

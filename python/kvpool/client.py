@@ -13,9 +13,10 @@ from kvpool.staging import StagingArena
 
 __all__ = ["TRANSPORTS", "Client", "parse_address"]
 
-#: Values of ``transport``: "auto" takes shared memory when the node serves it on this host
-#: (falling back to TCP, logged once, when that fails), "tcp" and "shm" force one.
-TRANSPORTS = ("auto", "tcp", "shm")
+#: Values of ``transport``: "auto" takes shared memory when the node serves it on this host, RDMA
+#: when a node elsewhere offers it (falling back to TCP, logged once, when either fails); "tcp",
+#: "shm" and "rdma" force one.
+TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 
 # protocol::PutStatus
 _STORED, _EXISTS = 0, 1

@@ -161,7 +161,9 @@ class Cluster(Closing):
             return None
         shm = m.shm
         same_host = shm is not None and shm[0] == self._host_id
-        transport = self.transport if same_host else "tcp"
+        # Shared memory on this host, RDMA to a member elsewhere that offers it, else TCP.
+        fast = same_host or "rdma" in m.transport_names()
+        transport = self.transport if fast else "tcp"
         try:
             client = Client(
                 m.address,

@@ -50,7 +50,7 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 #: What a node can serve in this build (RDMA joins with its transport).
-SERVER_TRANSPORTS = ("tcp", "shm")
+SERVER_TRANSPORTS = ("tcp", "shm", "rdma")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -197,8 +197,9 @@ class ServerConfig(_Settings):
     advertise: str = ""  #: host:port clients use to reach this node; default host:port
     lease_ttl: float = 3.0
     #: Transports served, comma-separated: "tcp" always (discovery and remote clients), "shm"
-    #: for same-host clients over the unix-domain socket ``shm_socket``.
-    transports: str = "tcp,shm"
+    #: for same-host clients over the unix-domain socket ``shm_socket``, "rdma" when an RDMA
+    #: device opens (today: the software provider, KVPOOL_RDMA_PROVIDER=soft).
+    transports: str = "tcp,shm,rdma"
     #: Default: $XDG_RUNTIME_DIR (else /tmp) /kvpool-<uid>/node-<host>-<port>.sock.
     shm_socket: str = ""
     #: Uids and gids (comma-separated) allowed on the shared-memory socket besides the node's
@@ -279,7 +280,7 @@ class ConnectorConfig(_Settings):
     model_id: str = ""
     #: How block bytes cross to each node: "auto" (shared memory to nodes on this host, TCP to
     #: the rest), "tcp", or "shm" (same-host nodes must take shared memory, no fallback).
-    transport: str = _choice("auto", ("auto", "tcp", "shm"))
+    transport: str = _choice("auto", ("auto", "tcp", "shm", "rdma"))
     #: The worker's staging arena (shared with same-host nodes); loads and saves that do not fit
     #: use ordinary memory, whose bytes cross on the socket instead.
     staging_bytes: int = _size(256 << 20)

@@ -76,6 +76,8 @@ class LocalServer(Closing):
         served = ["tcp"]
         if self.shm_socket:
             served.append(f"shm={_core.host_id()}:{self.shm_socket}")
+        if "rdma" in self.stats()["transports"]:
+            served.append("rdma")
         return ",".join(served)
 
     def stats(self) -> dict[str, Any]:

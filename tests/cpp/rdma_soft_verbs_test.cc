@@ -82,8 +82,8 @@ TEST(RdmaSoftVerbs, RemoteErrorsFlushTheRestAndStopTheQp) {
     auto local = p.dev->Register(pool.data(), pool.size(), kLocalWrite).value();
     auto remote = p.dev->Register(arena.data(), arena.size(), kRemoteRead).value();
     WorkRequest bad = Wr(Opcode::kRead, local, remote, 4096, 1);
-    if (fault == 0) bad.rkey ^= 0x100;           // another generation's key
-    if (fault == 1) bad.length = 4097;           // past the remote region
+    if (fault == 0) bad.rkey ^= 0x100;            // another generation's key
+    if (fault == 1) bad.length = 4097;            // past the remote region
     if (fault == 2) bad.opcode = Opcode::kWrite;  // the region grants no remote write
     WorkRequest after = Wr(Opcode::kRead, local, remote, 16, 2);
     ASSERT_TRUE(p.a->Post(std::vector{bad, after}).ok());
@@ -112,9 +112,9 @@ TEST(RdmaSoftVerbs, LocalErrors) {
   bad_key.lkey = 0;
   WorkRequest too_long = Wr(Opcode::kRead, local, remote, 4096);
   too_long.local_addr += 1;
-  for (const Case& c : {Case{bad_key, WcStatus::kLocalProtection},
-                        Case{too_long, WcStatus::kLocalLength},
-                        Case{Wr(Opcode::kRead, ro, remote, 16), WcStatus::kLocalProtection}}) {
+  for (const Case& c :
+       {Case{bad_key, WcStatus::kLocalProtection}, Case{too_long, WcStatus::kLocalLength},
+        Case{Wr(Opcode::kRead, ro, remote, 16), WcStatus::kLocalProtection}}) {
     Pair q;
     ASSERT_TRUE(q.a->Post(std::vector{c.wr}).ok());
     auto got = PollAll(*q.a);

@@ -203,7 +203,7 @@ def test_fallback_is_logged_once_with_the_reason(start_node: ServerFactory, tmp_
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tcp"
-    lines = [ln for ln in out.stderr.splitlines() if "shared memory unavailable" in ln]
+    lines = [ln for ln in out.stderr.splitlines() if "unavailable, using tcp" in ln]
     assert len(lines) == 1, out.stderr
     assert str(sock) in lines[0]  # the reason names the socket
 

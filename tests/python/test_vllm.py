@@ -46,6 +46,7 @@ ENGINE_TIMEOUT_S = 300
 #: Long leases: killed nodes stay members (and their blocks listed) while the last engine runs,
 #: so it sees hits whose loads fail, the path that must fall back to recomputing.
 LEASE_TTL = 120.0
+SOFT_RDMA = {"KVPOOL_RDMA_PROVIDER": "soft"}
 
 
 def start_cluster(redis_proc: RedisProcess, name: str) -> list[ServerProcess]:
@@ -55,7 +56,8 @@ def start_cluster(redis_proc: RedisProcess, name: str) -> list[ServerProcess]:
     try:
         for _ in range(3):
             args = ["--redis", redis_proc.url, "--cluster", name, "--lease-ttl", str(LEASE_TTL)]
-            nodes.append(ServerProcess(_server_args("128MiB", None, args, 0)))
+            # The software RDMA provider too, so one engine can be forced to RDMA.
+            nodes.append(ServerProcess(_server_args("128MiB", None, args, 0), env=SOFT_RDMA))
         for n in nodes:
             n.wait_ready()
         with Cluster(redis_proc.url, name) as c:
@@ -93,6 +95,7 @@ class Pool:
         extra: dict[str, Any] | None = None,
         tp: int = 1,
         cluster: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """One engine in a fresh process over all prompts; its report (also kept by label)."""
         prompts = self.workdir / "prompts.json"
@@ -102,7 +105,7 @@ class Pool:
                 "--prompts", str(prompts), "--out", str(out), "--block-size", str(BLOCK),
                 "--max-tokens", "12", "--kv-cache-bytes", str(64 << 20),
                 "--max-model-len", "2048", "--eager"]  # fmt: skip
-        env = {}
+        env = dict(env or {})
         if tp > 1:  # one CPU per rank: vLLM cannot bind ranks to NUMA nodes on a 1-node machine
             argv += ["--tp", str(tp)]
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c % os.cpu_count()) for c in range(tp))
@@ -243,6 +246,20 @@ def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(
     # Greedy outputs are bit-for-bit those of the engine that computed everything itself.
     assert pool.outputs("b") == pool.outputs("ref")
     assert transport_bytes(pool)["shm"]["copied_out"] >= worker["loaded_bytes"]
+
+
+def test_engine_forced_to_rdma_on_the_software_provider_loads_the_same_blocks(
+    pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
+) -> None:
+    before = transport_bytes(pool)
+    report = pool.run("b_rdma", extra={"transport": "rdma"}, env=SOFT_RDMA)
+    after = transport_bytes(pool)
+    worker = report["connector"]["worker"]
+    assert worker["loaded_blocks"] == PREFIX_BLOCKS + 3 and worker["load_errors"] == 0, worker
+    assert pool.outputs("b_rdma") == pool.outputs("ref")
+    # The nodes WROTE the blocks into the worker's arena over (software) RDMA.
+    assert after["rdma"]["copied_out"] - before["rdma"]["copied_out"] >= worker["loaded_bytes"]
+    assert after["shm"]["bytes_out"] == before["shm"]["bytes_out"]
 
 
 def test_engine_forced_to_tcp_loads_the_same_blocks(

@@ -23,11 +23,16 @@ namespace kvpool {
 namespace detail {
 class ClientConnection;
 }  // namespace detail
+namespace rdma {
+class Device;
+struct MemoryRegion;
+}  // namespace rdma
 
 /// Which transport a client uses. kAuto: shared memory when the node serves it on this host,
 /// else TCP, falling back to TCP (logged once, with the reason) when shared memory fails.
-enum class TransportChoice { kAuto, kTcp, kShm };
-/// "auto", "tcp" or "shm"; InvalidArgument naming the value otherwise.
+enum class TransportChoice { kAuto, kTcp, kShm, kRdma };
+/// "auto", "tcp", "shm" or "rdma"; InvalidArgument naming the value otherwise. Auto picks shared
+/// memory on the node's host, RDMA to a node elsewhere that offers it, else TCP.
 Result<TransportChoice> ParseTransportChoice(std::string_view name);
 
 struct ClientOptions {
@@ -101,6 +106,7 @@ class Client {
   Result<std::unique_ptr<Connection>> Acquire(bool allow_idle);
   Result<std::unique_ptr<Connection>> DialTcp(net::Deadline deadline);
   Result<std::unique_ptr<Connection>> DialShm(net::Deadline deadline);
+  Result<std::unique_ptr<Connection>> DialRdma(net::Deadline deadline);
   /// After the first HELLO: moves to shared memory when the node offers it on this host.
   Status ChooseTransport(std::unique_ptr<Connection>& tcp, net::Deadline deadline);
   void NoteFallback(const Status& why);
@@ -129,7 +135,10 @@ class Client {
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<Connection>> idle_;
   std::shared_ptr<StagingArena> arena_;
-  bool use_shm_ = false;  // the node serves shared memory on this host
+  bool use_shm_ = false;                          // the node serves shared memory on this host
+  bool use_rdma_ = false;                         // RDMA chosen (the node offers it)
+  std::shared_ptr<rdma::Device> rdma_device_;     // opened on first RDMA dial
+  std::unique_ptr<rdma::MemoryRegion> arena_mr_;  // the arena, registered with it
   std::chrono::steady_clock::time_point shm_retry_at_{};  // after a failure: TCP until then
   std::string shm_path_;  // the node's socket, as its last TCP HELLO named it
   std::string node_id_;   // the node's identity, from its last TCP HELLO

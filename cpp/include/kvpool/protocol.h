@@ -74,6 +74,7 @@ enum class Ext : uint16_t {
   kTransport = 2,    ///< request: u8 kind + the kind's offer; reply: u8 kind in use
   kShmEndpoint = 3,  ///< reply on TCP: u16 host-id length, host id, socket path (the rest)
   kNodeId = 4,       ///< reply: 16 bytes that identify this node process
+  kTransports = 5,   ///< reply on TCP: u8 kinds the node serves (beyond tcp), one byte each
 };
 inline constexpr size_t kExtHeaderBytes = 8;
 

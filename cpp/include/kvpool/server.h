@@ -17,6 +17,10 @@
 #include "kvpool/transport.h"
 
 namespace kvpool {
+namespace rdma {
+class Device;
+struct MemoryRegion;
+}  // namespace rdma
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
@@ -28,8 +32,10 @@ struct ServerOptions {
   /// a writer that stalls longer is disconnected and its reservations freed.
   uint32_t io_timeout_ms = 30000;
   /// Transports served. TCP is always served (it carries discovery and every client that is not
-  /// on this host); kShm adds the unix-domain socket below.
-  std::vector<TransportKind> transports = {TransportKind::kTcp, TransportKind::kShm};
+  /// on this host); kShm adds the unix-domain socket below; kRdma is served when an RDMA device
+  /// opens (without one the node says why, once, and serves the rest).
+  std::vector<TransportKind> transports = {TransportKind::kTcp, TransportKind::kShm,
+                                           TransportKind::kRdma};
   /// The shared-memory socket. Empty: $XDG_RUNTIME_DIR (else /tmp)
   /// /kvpool-<uid>/node-<host>-<port>.sock, in a directory only this uid can enter.
   std::string shm_socket;
@@ -95,6 +101,8 @@ class Server {
   std::string node_id_;
   std::array<TransportCounters, kTransportKinds> per_transport_;
   std::atomic<uint64_t> shm_mapped_{0};
+  std::shared_ptr<rdma::Device> rdma_device_;      // null: RDMA not served
+  std::unique_ptr<rdma::MemoryRegion> rdma_pool_;  // the pool, registered local-only
   std::atomic<bool> stopping_{false};
   std::thread accept_thread_;
   mutable std::mutex conns_mu_;

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -100,9 +101,9 @@ class SoftQp final : public QueuePair {
     uint64_t magic = 0;
     if (!ReadRemote(remote, remote.soft_table, &magic, sizeof magic) || magic != kTableMagic) {
       state_ = QpState::kError;
-      return Status(ErrorCode::kInvalidArgument,
-                    "cannot reach the software RDMA peer (pid " + std::to_string(remote.soft_pid) +
-                        "): " + std::strerror(errno ? errno : EINVAL));
+      return Status(ErrorCode::kInvalidArgument, "cannot reach the software RDMA peer (pid " +
+                                                     std::to_string(remote.soft_pid) +
+                                                     "): " + std::strerror(errno ? errno : EINVAL));
     }
     remote_ = remote;
     state_ = QpState::kRtr;
@@ -125,7 +126,8 @@ class SoftQp final : public QueuePair {
       const WcStatus status = state_ == QpState::kError ? WcStatus::kFlushed : Execute(wr);
       if (status != WcStatus::kSuccess) state_ = QpState::kError;
       if (status != WcStatus::kSuccess || wr.signaled) {
-        completions_.push_back({{wr.wr_id, status, wr.opcode, status == WcStatus::kSuccess ? wr.length : 0}, seq});
+        completions_.push_back(
+            {{wr.wr_id, status, wr.opcode, status == WcStatus::kSuccess ? wr.length : 0}, seq});
       }
     }
     return Status::Ok();
@@ -154,7 +156,19 @@ class SoftQp final : public QueuePair {
            static_cast<ssize_t>(n);
   }
 
+  /// Fault injection for tests: KVPOOL_RDMA_SOFT_FAIL_EVERY=N fails every Nth request of this
+  /// process with a remote access error (as a corrupted key would).
+  static bool InjectFault() {
+    static const uint64_t every = [] {
+      const char* v = std::getenv("KVPOOL_RDMA_SOFT_FAIL_EVERY");
+      return v != nullptr ? std::strtoull(v, nullptr, 10) : 0;
+    }();
+    static std::atomic<uint64_t> count{0};
+    return every != 0 && ++count % every == 0;
+  }
+
   WcStatus Execute(const WorkRequest& wr) {
+    if (InjectFault()) return WcStatus::kRemoteAccess;
     const uint32_t need_local = wr.opcode == Opcode::kRead ? uint32_t{kLocalWrite} : 0u;
     {
       std::lock_guard<std::mutex> lock(g_table_mu);
@@ -166,7 +180,8 @@ class SoftQp final : public QueuePair {
     }
     // The remote side's check, against its table as it is now.
     Entry remote;
-    const uint64_t slot = remote_.soft_table + offsetof(Table, entries) + (wr.rkey % kSlots) * sizeof(Entry);
+    const uint64_t slot =
+        remote_.soft_table + offsetof(Table, entries) + (wr.rkey % kSlots) * sizeof(Entry);
     if (!ReadRemote(remote_, slot, &remote, sizeof remote)) {
       return errno == ESRCH || errno == EPERM ? WcStatus::kRetryExceeded : WcStatus::kGeneral;
     }
@@ -178,8 +193,9 @@ class SoftQp final : public QueuePair {
     iovec local{reinterpret_cast<void*>(wr.local_addr), wr.length};
     iovec far{reinterpret_cast<void*>(wr.remote_addr), wr.length};
     const auto pid = static_cast<pid_t>(remote_.soft_pid);
-    const ssize_t moved = wr.opcode == Opcode::kRead ? process_vm_readv(pid, &local, 1, &far, 1, 0)
-                                                     : process_vm_writev(pid, &local, 1, &far, 1, 0);
+    const ssize_t moved = wr.opcode == Opcode::kRead
+                              ? process_vm_readv(pid, &local, 1, &far, 1, 0)
+                              : process_vm_writev(pid, &local, 1, &far, 1, 0);
     if (moved == static_cast<ssize_t>(wr.length)) return WcStatus::kSuccess;
     if (moved < 0 && (errno == ESRCH || errno == EPERM)) return WcStatus::kRetryExceeded;
     return WcStatus::kRemoteAccess;  // a range that is registered but no longer mapped
@@ -213,8 +229,8 @@ class SoftDevice final : public Device {
       e.key = (generation << 8) | static_cast<uint32_t>(slot);
       return MemoryRegion{e.addr, e.length, e.key, e.key, access};
     }
-    return Status(ErrorCode::kNoSpace, "all " + std::to_string(kSlots - 1) +
-                                           " software memory-region slots are in use");
+    return Status(ErrorCode::kNoSpace,
+                  "all " + std::to_string(kSlots - 1) + " software memory-region slots are in use");
   }
 
   void Deregister(const MemoryRegion& region) override {
@@ -236,6 +252,43 @@ class SoftDevice final : public Device {
 
 }  // namespace
 
-Result<std::unique_ptr<Device>> OpenSoftDevice() { return std::unique_ptr<Device>(new SoftDevice()); }
+Result<std::unique_ptr<Device>> OpenSoftDevice() {
+  return std::unique_ptr<Device>(new SoftDevice());
+}
+
+Result<std::unique_ptr<Device>> OpenDevice() {
+  const char* provider = std::getenv("KVPOOL_RDMA_PROVIDER");
+  if (provider != nullptr && std::string_view(provider) == "soft") return OpenSoftDevice();
+  return Status(
+      ErrorCode::kUnsupported,
+      std::string("no RDMA provider") +
+          (provider != nullptr && *provider ? " named '" + std::string(provider) + "'" : "") +
+          ": the libibverbs provider is not wired to the transport yet; "
+          "KVPOOL_RDMA_PROVIDER=soft runs the software provider (same host only)");
+}
+
+std::string EncodeQpAddress(const QpAddress& a) {
+  std::string out(kQpAddressBytes, '\0');
+  char* p = out.data();
+  std::memcpy(p, &a.qp_num, 4);
+  std::memcpy(p + 4, &a.psn, 4);
+  std::memcpy(p + 8, &a.lid, 2);
+  std::memcpy(p + 10, a.gid.data(), 16);
+  std::memcpy(p + 26, &a.soft_pid, 8);
+  std::memcpy(p + 34, &a.soft_table, 8);
+  return out;
+}
+
+bool DecodeQpAddress(std::string_view bytes, QpAddress* a) {
+  if (bytes.size() < kQpAddressBytes) return false;
+  const char* p = bytes.data();
+  std::memcpy(&a->qp_num, p, 4);
+  std::memcpy(&a->psn, p + 4, 4);
+  std::memcpy(&a->lid, p + 8, 2);
+  std::memcpy(a->gid.data(), p + 10, 16);
+  std::memcpy(&a->soft_pid, p + 26, 8);
+  std::memcpy(&a->soft_table, p + 34, 8);
+  return true;
+}
 
 }  // namespace kvpool::rdma

@@ -12,6 +12,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kvpool/deadline.h"
@@ -62,11 +63,11 @@ struct WorkRequest {
 /// ibv_wc_status values the transport distinguishes (the rest map to kGeneral).
 enum class WcStatus : uint8_t {
   kSuccess,
-  kLocalLength,    ///< local buffer outside its region
+  kLocalLength,      ///< local buffer outside its region
   kLocalProtection,  ///< bad lkey, or the local region lacks the access
-  kRemoteAccess,   ///< bad rkey, range outside the remote region, or access not granted
-  kRetryExceeded,  ///< the peer is gone (RC retries exhausted)
-  kFlushed,        ///< queued behind an error: not executed
+  kRemoteAccess,     ///< bad rkey, range outside the remote region, or access not granted
+  kRetryExceeded,    ///< the peer is gone (RC retries exhausted)
+  kFlushed,          ///< queued behind an error: not executed
   kGeneral,
 };
 const char* WcStatusName(WcStatus status);
@@ -111,7 +112,20 @@ class Device {
 
 /// The software provider's device: the same semantics between processes of one host, moved
 /// by process_vm_readv / process_vm_writev (the peer must be allowed to ptrace us: same uid, or
-/// root). Selected by KVPOOL_RDMA_PROVIDER=soft, never by default.
+/// root). Selected by KVPOOL_RDMA_PROVIDER=soft, never by default. KVPOOL_RDMA_SOFT_FAIL_EVERY=N
+/// fails every Nth request with a remote access error (fault injection for tests).
 Result<std::unique_ptr<Device>> OpenSoftDevice();
+
+/// The device this process uses: the software provider when KVPOOL_RDMA_PROVIDER=soft, else
+/// Unsupported naming why (the libibverbs provider is not wired to the transport yet).
+Result<std::unique_ptr<Device>> OpenDevice();
+
+/// QP address and arena region as they travel in HELLO's transport extension (little-endian):
+/// u32 qp_num, u32 psn, u16 lid, gid[16], u64 soft_pid, u64 soft_table; the offer adds
+/// u64 arena_addr, u64 arena_length, u32 arena_rkey.
+inline constexpr size_t kQpAddressBytes = 42;
+inline constexpr size_t kArenaRegionBytes = 20;
+std::string EncodeQpAddress(const QpAddress& a);
+bool DecodeQpAddress(std::string_view bytes, QpAddress* out);
 
 }  // namespace kvpool::rdma

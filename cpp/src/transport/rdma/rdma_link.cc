@@ -1,0 +1,73 @@
+#include "transport/rdma/rdma_link.h"
+
+#include <algorithm>
+
+namespace kvpool {
+
+Status RdmaLink::Run(std::vector<rdma::WorkRequest>& wrs) {
+  const size_t window = std::max<size_t>(1, qp_->max_outstanding());
+  completions_.resize(window);
+  for (size_t begin = 0; begin < wrs.size(); begin += window) {
+    const size_t end = std::min(wrs.size(), begin + window);
+    // Selective signalling: one completion per window; an error is reported regardless.
+    for (size_t i = begin; i < end; ++i) wrs[i].signaled = i + 1 == end;
+    KVPOOL_RETURN_IF_ERROR(qp_->Post(std::span(wrs).subspan(begin, end - begin)));
+    const auto deadline = net::Deadline::In(std::chrono::milliseconds(30000));
+    bool done = false;
+    while (!done) {
+      auto n = qp_->Poll(completions_, deadline);
+      if (!n.ok()) return n.status();
+      for (size_t i = 0; i < n.value(); ++i) {
+        const rdma::Completion& c = completions_[i];
+        if (c.status != rdma::WcStatus::kSuccess) {
+          return Status(ErrorCode::kConnection, std::string("RDMA ") +
+                                                    (c.opcode == rdma::Opcode::kRead ? "READ"
+                                                                                     : "WRITE") +
+                                                    " of request " + std::to_string(c.wr_id) +
+                                                    " failed: " + rdma::WcStatusName(c.status));
+        }
+        done = done || c.wr_id == wrs[end - 1].wr_id;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status RdmaLink::ReadPeer(std::span<const PeerBuffer> from, std::span<const MutableBuffer> into) {
+  wrs_.clear();
+  for (size_t i = 0; i < from.size(); ++i) {
+    if (!from[i].described() || into[i].data == nullptr || from[i].size == 0) continue;
+    rdma::WorkRequest wr;
+    wr.wr_id = i;
+    wr.opcode = rdma::Opcode::kRead;
+    wr.local_addr = reinterpret_cast<uint64_t>(into[i].data);
+    wr.lkey = pool_.lkey;
+    wr.length = from[i].size;
+    wr.remote_addr = arena_.addr + from[i].addr;
+    wr.rkey = arena_.rkey;
+    wrs_.push_back(wr);
+  }
+  return Run(wrs_);
+}
+
+Status RdmaLink::WritePeer(std::span<const ConstBuffer> blocks, std::span<const PeerBuffer> to) {
+  wrs_.clear();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    if (blocks[i].data == nullptr || i >= to.size() || !DeliveredInPeer(to[i], blocks[i].size) ||
+        blocks[i].size == 0) {
+      continue;
+    }
+    rdma::WorkRequest wr;
+    wr.wr_id = i;
+    wr.opcode = rdma::Opcode::kWrite;
+    wr.local_addr = reinterpret_cast<uint64_t>(blocks[i].data);
+    wr.lkey = pool_.lkey;
+    wr.length = blocks[i].size;
+    wr.remote_addr = arena_.addr + to[i].addr;
+    wr.rkey = arena_.rkey;
+    wrs_.push_back(wr);
+  }
+  return Run(wrs_);
+}
+
+}  // namespace kvpool
