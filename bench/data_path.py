@@ -13,6 +13,17 @@ Measures, on 127.0.0.1 only:
   numpy buffers (their bytes ride inline on the unix socket). Its rounds are interleaved with
   single-thread memcpy rounds of the same bytes between the same buffers, the denominator of
   its ratios (targets: >= 0.8x memcpy at 256 KiB and 2 MiB, GET and PUT);
+- kvpool over RDMA (``kvpool-rdma``): the same rows, table and checks with
+  ``Client(transport="rdma")`` on the software verbs provider (``KVPOOL_RDMA_PROVIDER=soft`` in
+  the node and in this process; the node moves staging buffers with RDMA READ for PUT and WRITE
+  for GET, which that provider does with process_vm_readv/writev; ordinary buffers ride inline
+  on the TCP socket). It measures the transport's own overhead, not hardware: besides memcpy,
+  each round is interleaved with a bare process_vm_writev (PUT) / process_vm_readv (GET) of the
+  same bytes between this process and a peer process, the provider's own limit (targets:
+  >= 0.6x memcpy at 256 KiB and 2 MiB, GET and PUT). Once the libibverbs provider lands, a
+  user with a real device runs ``bench/data_path.py --systems kvpool-rdma`` (or
+  ``--transport rdma``) against the link's line rate, target >= 0.8x; today the section always
+  sets the soft provider and has no line-rate denominator;
 - Redis 7 through redis-py + hiredis: pipelined SET / GET of the same blocks;
 - Mooncake Store over TCP (when ``mooncake-transfer-engine-non-cuda`` imports): master, HTTP
   metadata server and a storage process, a client with registered buffers calling
@@ -30,15 +41,20 @@ connection); Mooncake's threads share one store client, the way it is meant to b
 
 The CPU time of each server process (kvpool nodes, redis-server) is read from /proc/<pid>/stat
 (utime + stime, all threads) before and after every measured round and reported per GB moved.
+The shared-memory and RDMA sections also check the node's transport counters: the staging rows'
+bytes (every round) went through the arena (``copied_in`` / ``copied_out``, exactly), and no
+other transport moved a byte.
 
 Usage:  python bench/data_path.py [--quick] [--sizes 64KiB,256KiB,2MiB] [--threads 1,4]
-            [--systems kvpool,kvpool-shm,redis,mooncake] [--shm-rounds 9]
+            [--systems kvpool,kvpool-shm,kvpool-rdma,redis,mooncake | --transport tcp|shm|rdma]
+            [--shm-rounds 9]
 Results: a table on stdout, progress on stderr, everything in bench/results/data_path.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -76,9 +92,11 @@ from kvpool.errors import KVPoolError
 HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "data_path.json"
-SYSTEMS = ("kvpool", "kvpool-shm", "redis", "mooncake")
+SYSTEMS = ("kvpool", "kvpool-shm", "kvpool-rdma", "redis", "mooncake")
+TRANSPORT_SYSTEMS = {"tcp": "kvpool", "shm": "kvpool-shm", "rdma": "kvpool-rdma"}  # --transport
 OPS = ("PUT", "GET")
 SOURCE_BYTES = 256 << 20  # random block contents, larger than any cache
+SOURCE_SEED = 0x6B7670
 DEST_BYTES = 64 << 20  # per client thread: where GETs land
 MOONCAKE_LOCAL_BUFFER = 512 << 20
 MOONCAKE_NOISE = r"^([IWE]\d{4} |WARNING: Logging before InitGoogleLogging)"
@@ -144,7 +162,7 @@ class Data:
     """Block contents (one random arena, read-only) and per-thread destination arenas."""
 
     def __init__(self, max_threads: int, max_batch_bytes: int) -> None:
-        rng = np.random.default_rng(0x6B7670)
+        rng = np.random.default_rng(SOURCE_SEED)
         self.source = np.frombuffer(rng.bytes(SOURCE_BYTES), dtype=np.uint8)
         dest_bytes = max(DEST_BYTES, 2 * max_batch_bytes)
         self.dests = [np.empty(dest_bytes, dtype=np.uint8) for _ in range(max_threads)]
@@ -667,11 +685,14 @@ def run_memcpy(plan: Plan, data: Data) -> dict[str, Any]:
 # kvpool and Redis (in this process)
 
 
-def start_kvpool(procs: ProcessSet, plan: Plan) -> tuple[Any, str]:
-    """A ``kvpool server`` (TCP and shared memory, the defaults) on a free port, ready."""
+def start_kvpool(
+    procs: ProcessSet, plan: Plan, env: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """A ``kvpool server`` (TCP and shared memory, the defaults; RDMA too where ``env`` names a
+    provider) on a free port, ready."""
     argv = [sys.executable, "-m", "kvpool", "server", "--port", "0"]
     argv += ["--memory", plan.kvpool_memory, "--log-level", "info"]
-    server = procs.start("kvpool server", argv)
+    server = procs.start("kvpool server", argv, env=env)
     m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
     address = f"{m.group(1)}:{m.group(2)}"
     log(f"kvpool server pid {server.pid} on {address} ({plan.kvpool_memory})")
@@ -692,10 +713,18 @@ def transport_counters(address: str, transport: str) -> dict[str, dict[str, int]
 def counter_delta(
     before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
 ) -> dict[str, dict[str, int]]:
+    keys = ("bytes_in", "bytes_out", "copied_in", "copied_out")
     return {
-        t: {k: after[t][k] - before.get(t, {}).get(k, 0) for k in ("bytes_in", "bytes_out")}
+        t: {k: after[t][k] - before.get(t, {}).get(k, 0) for k in keys if k in after[t]}
         for t in after
     }
+
+
+def check_only_over(transport: str, moved: dict[str, dict[str, int]]) -> None:
+    """No node counter of another transport moved during a section that used ``transport``."""
+    others = sorted(t for t, c in moved.items() if t != transport and any(c.values()))
+    if others:
+        raise BenchError(f"the {transport} section moved bytes over {others}: {moved}")
 
 
 def bench_kvpool(plan: Plan, data: Data, nonce: str) -> SystemResult:
@@ -705,8 +734,7 @@ def bench_kvpool(plan: Plan, data: Data, nonce: str) -> SystemResult:
         result = measure(KVPoolSystem(address, server.pid), plan, data, nonce)
         moved = counter_delta(before, transport_counters(address, "tcp"))
         server.check_alive()
-        if moved.get("shm", {}).get("bytes_in") or moved.get("shm", {}).get("bytes_out"):
-            raise BenchError(f"the TCP section moved bytes over shared memory: {moved}")
+        check_only_over("tcp", moved)
         log(f"  kvpool node transport counters moved: {moved}")
         return result
 
@@ -730,32 +758,62 @@ def bench_redis(plan: Plan, data: Data, nonce: str) -> SystemResult:
 
 
 # --------------------------------------------------------------------------------------------
-# kvpool over shared memory (same host), against memcpy of the same bytes
+# kvpool over shared memory and over RDMA (same host), against memcpy of the same bytes
 
 
-# Rows of the shared-memory table: (row, op, buffers). memcpy rows copy between the same staging
-# buffers and a large arena the way the node does: PUT reads the staging buffer and writes
-# memory that is not in cache, GET reads memory that is not in cache and writes the buffer.
-SHM_ROWS = (
-    ("memcpy PUT", "memcpy", "staging -> arena"),
-    ("shm PUT staging", "PUT", "staging"),
-    ("shm PUT ordinary", "PUT", "ordinary"),
-    ("memcpy GET", "memcpy", "arena -> staging"),
-    ("shm GET staging", "GET", "staging"),
-    ("shm GET ordinary", "GET", "ordinary"),
-)
-SHM_BASELINE = {"shm PUT staging": "memcpy PUT", "shm PUT ordinary": "memcpy PUT"}
-SHM_BASELINE |= {"shm GET staging": "memcpy GET", "shm GET ordinary": "memcpy GET"}
-SHM_TARGET = 0.8  # x memcpy, staging buffers, at these block sizes
-SHM_TARGET_SIZES = (256 << 10, 2 << 20)
+@dataclass(frozen=True)
+class ArenaTransport:
+    """A transport on which the node moves the bytes of the client's staging arena itself."""
+
+    name: str  # kvpool's transport name (and the report's key): shm, rdma
+    title: str
+    wire: str  # where ordinary buffers' bytes ride
+    target: float  # x memcpy, staging buffers, at ARENA_TARGET_SIZES
+    env: dict[str, str]  # for the node and for this process while the section runs
+    # Also time a bare process_vm_writev / readv of the same bytes: the soft provider's limit.
+    process_vm: bool = False
+
+
+ARENA_TRANSPORTS = {
+    "kvpool-shm": ArenaTransport("shm", "Shared memory", "the unix socket", 0.8, {}),
+    "kvpool-rdma": ArenaTransport(
+        "rdma",
+        "RDMA on the software provider (process_vm_readv/writev, not hardware)",
+        "the TCP socket",
+        0.6,
+        {"KVPOOL_RDMA_PROVIDER": "soft"},
+        process_vm=True,
+    ),
+}
+ARENA_TARGET_SIZES = (256 << 10, 2 << 20)
 TCP_TARGET = 1.1  # x iperf3, one client thread
 
 
+def arena_rows(tr: ArenaTransport) -> list[tuple[str, str, str]]:
+    """Rows of a transport's table: (row, op, buffers). memcpy rows copy between the same
+    staging buffers and a large arena the way the node does: PUT reads the staging buffer and
+    writes memory that is not in cache, GET reads memory that is not in cache and writes the
+    buffer; process_vm rows move the same bytes to and from another process's arena."""
+    rows = []
+    for op, way in (("PUT", "staging -> arena"), ("GET", "arena -> staging")):
+        rows.append((f"memcpy {op}", "memcpy", way))
+        if tr.process_vm:
+            rows.append((f"process_vm {op}", "process_vm", way.replace("arena", "peer arena")))
+        rows.append((f"{tr.name} {op} staging", op, "staging"))
+        rows.append((f"{tr.name} {op} ordinary", op, "ordinary"))
+    return rows
+
+
+def arena_baselines(tr: ArenaTransport, base: str) -> dict[str, str]:
+    """kvpool row -> the ``base`` (memcpy, process_vm) row its ratio divides by."""
+    return {row: f"{base} {op}" for row, op, _ in arena_rows(tr) if op in OPS}
+
+
 @dataclass
-class ShmCell:
+class ArenaCell:
     row: str
-    op: str  # PUT, GET or memcpy
-    buffers: str  # staging (zero-copy), ordinary (inline on the unix socket), memcpy direction
+    op: str  # PUT, GET, memcpy or process_vm
+    buffers: str  # staging (zero-copy), ordinary (inline on the socket), baseline direction
     block_bytes: int
     batch: int
     batches_per_round: int
@@ -778,16 +836,77 @@ class _Round:
     verified: int
 
 
-class ShmBench:
-    """One client thread on shared memory; every round of every row is interleaved with the
-    others, so load that comes and goes shifts them alike."""
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
-    def __init__(self, client: Any, node_pid: int, plan: Plan, data: Data, nonce: str) -> None:
+
+# The peer of the process_vm rows: Data.source again (GET reads it), an arena as large (PUT
+# writes it), every page faulted in; it prints both addresses and waits for SIGTERM.
+_PEER_CODE = """
+import signal, sys
+import numpy as np
+n, seed = int(sys.argv[1]), int(sys.argv[2])
+src = np.frombuffer(np.random.default_rng(seed).bytes(n), dtype=np.uint8)
+dst = np.empty(n, dtype=np.uint8)
+dst.fill(0)
+print("peer ready", src.ctypes.data, dst.ctypes.data, flush=True)
+signal.pause()
+"""
+
+
+class ProcessVmPeer:
+    """Another process's memory, moved by bare process_vm_writev / readv calls from this one
+    (one call per batch, one iovec per block): what the soft provider's copy costs without
+    kvpool around it."""
+
+    def __init__(self, procs: ProcessSet) -> None:
+        argv = [sys.executable, "-c", _PEER_CODE, str(SOURCE_BYTES), str(SOURCE_SEED)]
+        peer = procs.start("process_vm peer", argv)
+        m = peer.wait_for_line(r"peer ready (\d+) (\d+)", timeout=120)
+        self.pid, self.src, self.dst = peer.pid, int(m.group(1)), int(m.group(2))
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._calls = {True: libc.process_vm_writev, False: libc.process_vm_readv}
+        for fn in self._calls.values():
+            fn.restype = ctypes.c_ssize_t
+            iov = ctypes.POINTER(_Iovec)
+            fn.argtypes = [ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong]
+
+    def prepare(self, local: list[np.ndarray], remote: list[int], write: bool) -> Any:
+        n = len(local)
+        near = (_Iovec * n)(*[_Iovec(a.ctypes.data, a.nbytes) for a in local])
+        far = (_Iovec * n)(*[_Iovec(r, a.nbytes) for a, r in zip(local, remote, strict=True)])
+        return self._calls[write], near, far, n, sum(a.nbytes for a in local)
+
+    def move(self, prepared: Any) -> None:
+        fn, near, far, n, total = prepared
+        moved = fn(self.pid, near, n, far, n, 0)
+        if moved != total:
+            raise BenchError(
+                f"process_vm moved {moved} of {total} bytes (errno {ctypes.get_errno()})"
+            )
+
+
+class ArenaBench:
+    """One client thread on a transport with a staging arena (shm, rdma); every round of every
+    row is interleaved with the others, so load that comes and goes shifts them alike."""
+
+    def __init__(
+        self,
+        tr: ArenaTransport,
+        client: Any,
+        node_pid: int,
+        plan: Plan,
+        data: Data,
+        nonce: str,
+        peer: ProcessVmPeer | None,
+    ) -> None:
+        self.tr = tr
         self.client = client
         self.node_pid = node_pid
         self.plan = plan
         self.data = data
         self.nonce = nonce
+        self.peer = peer
         self.rng = np.random.default_rng()
         self.arena = np.empty(SOURCE_BYTES, dtype=np.uint8)  # memcpy PUT's destination
         self.arena.fill(0)
@@ -808,19 +927,20 @@ class ShmBench:
     def _put(self, keys: list[bytes], blocks: list[Any]) -> None:
         held = self.client.put(keys, blocks)
         if held != len(keys):
-            raise BenchError(f"kvpool shm put held {held} of {len(keys)} blocks")
+            raise BenchError(f"kvpool {self.tr.name} put held {held} of {len(keys)} blocks")
 
     def _get(self, keys: list[bytes], dests: list[Any]) -> None:
-        _check_all("kvpool shm get_into", self.client.get_into(keys, dests), bool)
+        _check_all(f"kvpool {self.tr.name} get_into", self.client.get_into(keys, dests), bool)
 
     def _delete(self, keys: list[bytes]) -> None:
         for chunk in chunks(keys, 256):
             self.client.delete(chunk)
 
-    def run_size(self, size: int) -> list[ShmCell]:
-        plan, data, batch = self.plan, self.data, self.plan.batch
+    def run_size(self, size: int) -> list[ArenaCell]:
+        plan, data, batch, name = self.plan, self.data, self.plan.batch, self.tr.name
         nb = plan.batches_per_thread(size, 1)
         span = batch * size
+        slots = SOURCE_BYTES // size
         # Two staging buffers: every batch but a round's last one uses the first; the last one
         # (the one checked) has its own, so stale bytes never pass for its result.
         bufs = [self.client.staging_buffer(span), self.client.staging_buffer(span)]
@@ -832,49 +952,58 @@ class ShmBench:
 
         # GETs read a working set written beforehand (untimed, ordinary buffers).
         n_ws = plan.working_set_blocks(size)
-        ws_keys = [kvpool_key(f"{self.nonce}/shm-ws/{size}", i) for i in range(n_ws)]
+        ws_keys = [kvpool_key(f"{self.nonce}/{name}-ws/{size}", i) for i in range(n_ws)]
         for start in range(0, n_ws, batch):
             ks = ws_keys[start : start + batch]
             self._put(ks, [data.block(size, start + i) for i in range(len(ks))])
         probe = data.scratch(size)
         self._get([ws_keys[-1]], [probe])
-        _verify("kvpool shm working set", probe, data.block(size, n_ws - 1))
+        _verify(f"kvpool {name} working set", probe, data.block(size, n_ws - 1))
 
         def ws_batch(r: int, b: int) -> list[int]:
             return [(r * batch + b * batch + i) % n_ws for i in range(batch)]
 
-        def memcpy_put(r: int) -> _Round:
-            slots = SOURCE_BYTES // size
-            shift = (r + 1) * 7919
-            pairs = []
-            for b in range(nb):
-                for i in range(batch):
-                    j = (shift + b * batch + i) % slots
-                    pairs.append((self.arena[j * size : (j + 1) * size], arrays[0][i]))
+        # The baselines' blocks, batch by batch: PUT copies staging buffer 0 into arena slots
+        # that walk out of step with it; GET copies source blocks into the staging buffers.
+        def put_slots(r: int, b: int) -> list[int]:
+            return [((r + 1) * 7919 + b * batch + i) % slots for i in range(batch)]
+
+        def get_pairs(r: int, b: int) -> list[tuple[np.ndarray, int]]:
+            dst = arrays[1 if b == nb - 1 else 0]
+            return [(dst[i], (w + 7919) % slots) for i, w in enumerate(ws_batch(r, b))]
+
+        def baseline(r: int, op: str, kind: str) -> _Round:
+            if op == "PUT":
+                pairs = [
+                    (self.arena[j * size : (j + 1) * size], arrays[0][i], j)
+                    for b in range(nb)
+                    for i, j in enumerate(put_slots(r, b))
+                ]
+            else:
+                pairs = [(d, data.block(size, g), g) for b in range(nb) for d, g in get_pairs(r, b)]
+            peer, put = self.peer, op == "PUT"
+            calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+            if peer is None or kind == "memcpy":
+                calls = [(np.copyto, (d, s)) for d, s, _ in pairs]
+            else:
+                for part in chunks(pairs, batch):  # one call per batch
+                    local = [s if put else d for d, s, _ in part]
+                    remote = [(peer.dst if put else peer.src) + g * size for _, _, g in part]
+                    calls.append((peer.move, (peer.prepare(local, remote, put),)))
             t0 = time.perf_counter()
-            for d, s in pairs:
-                np.copyto(d, s)
+            for fn, args in calls:
+                fn(*args)
             wall = time.perf_counter() - t0
-            if not np.array_equal(pairs[-1][0], pairs[-1][1]):
-                raise BenchError("memcpy copied wrong bytes")
+            d, s, g = pairs[-1]
+            if peer is not None and kind == "process_vm" and put:
+                d = data.scratch(size)  # read the peer's block back
+                peer.move(peer.prepare([d], [peer.dst + g * size], False))
+            if not np.array_equal(d, s):
+                raise BenchError(f"{kind} {op} copied wrong bytes")
             return _Round(wall, 0.0, wall, [], 0)
 
-        def memcpy_get(r: int) -> _Round:
-            pairs = []
-            for b in range(nb):
-                dst = arrays[1 if b == nb - 1 else 0]
-                for i, w in enumerate(ws_batch(r, b)):
-                    pairs.append((dst[i], data.block(size, w + 7919)))
-            t0 = time.perf_counter()
-            for d, s in pairs:
-                np.copyto(d, s)
-            wall = time.perf_counter() - t0
-            if not np.array_equal(pairs[-1][0], pairs[-1][1]):
-                raise BenchError("memcpy copied wrong bytes")
-            return _Round(wall, 0.0, wall, [], 0)
-
-        def shm_put(r: int, staging: bool) -> _Round:
-            tag = f"{self.nonce}/shm-put/{'staging' if staging else 'ordinary'}/{size}/{r}"
+        def kv_put(r: int, staging: bool) -> _Round:
+            tag = f"{self.nonce}/{name}-put/{'staging' if staging else 'ordinary'}/{size}/{r}"
             first = (r + 1) * 7919 * batch  # this round's contents
             if staging:
                 for i in range(batch):  # the round's contents, copied in untimed
@@ -895,16 +1024,16 @@ class ShmBench:
             out = self._timed(calls)
             stored = self.client.stats()["stored"] - stored0
             if stored != nb * batch:
-                raise BenchError(f"kvpool shm PUT stored {stored} new blocks of {nb * batch}")
+                raise BenchError(f"kvpool {name} PUT stored {stored} new blocks of {nb * batch}")
             i = int(self.rng.integers(batch))
             got = data.scratch(size)
             self._get([keys[-1][i]], [got])
-            _verify("kvpool shm PUT read-back", got, expected[i])
+            _verify(f"kvpool {name} PUT read-back", got, expected[i])
             self._delete([k for ks in keys for k in ks])
             out.verified = 1
             return out
 
-        def shm_get(r: int, staging: bool) -> _Round:
+        def kv_get(r: int, staging: bool) -> _Round:
             calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
             for b in range(nb):
                 final = b == nb - 1
@@ -918,32 +1047,31 @@ class ShmBench:
                 d.fill(0)
             out = self._timed(calls)
             i = int(self.rng.integers(batch))
-            _verify("kvpool shm GET", checked[i], data.block(size, ws_batch(r, nb - 1)[i]))
+            _verify(f"kvpool {name} GET", checked[i], data.block(size, ws_batch(r, nb - 1)[i]))
             out.verified = 1
             return out
 
-        run: dict[str, Callable[[int], _Round]] = {
-            "memcpy PUT": memcpy_put,
-            "shm PUT staging": lambda r: shm_put(r, True),
-            "shm PUT ordinary": lambda r: shm_put(r, False),
-            "memcpy GET": memcpy_get,
-            "shm GET staging": lambda r: shm_get(r, True),
-            "shm GET ordinary": lambda r: shm_get(r, False),
-        }
-        rounds: dict[str, list[_Round]] = {row: [] for row, _, _ in SHM_ROWS}
+        def run(row: str, op: str, buffers: str, r: int) -> _Round:
+            if op in OPS:
+                return (kv_put if op == "PUT" else kv_get)(r, buffers == "staging")
+            return baseline(r, row.split()[1], op)
+
+        rows = arena_rows(self.tr)
+        rounds: dict[str, list[_Round]] = {row: [] for row, _, _ in rows}
         for r in range(-1, plan.shm_rounds):  # round -1 warms up (page tables, connections)
-            for row, _, _ in SHM_ROWS:
-                got_round = run[row](r)
+            for row, op, buffers in rows:
+                got_round = run(row, op, buffers, r)
                 if r >= 0:
                     rounds[row].append(got_round)
         self._delete(ws_keys)
 
         cells = []
-        for row, op, buffers in SHM_ROWS:
+        for row, op, buffers in rows:
             rs = rounds[row]
             moved_gb = len(rs) * nb * batch * size / 1e9
             node_cpu = sum(x.node_cpu for x in rs)
-            cell = ShmCell(
+            kv = op in OPS
+            cell = ArenaCell(
                 row=row,
                 op=op,
                 buffers=buffers,
@@ -953,62 +1081,107 @@ class ShmBench:
                 bytes_per_round=nb * batch * size,
                 gbps=median([nb * batch * size / x.wall / 1e9 for x in rs]),
                 rounds_gbps=[nb * batch * size / x.wall / 1e9 for x in rs],
-                latency=LatencyStats.of([t for x in rs for t in x.lat]) if op != "memcpy" else None,
-                node_cpu_s=node_cpu if op != "memcpy" else None,
-                node_cpu_s_per_gb=node_cpu / moved_gb if op != "memcpy" else None,
+                latency=LatencyStats.of([t for x in rs for t in x.lat]) if kv else None,
+                node_cpu_s=node_cpu if kv else None,
+                node_cpu_s_per_gb=node_cpu / moved_gb if kv else None,
                 client_cpu_s_per_gb=sum(x.client_cpu for x in rs) / moved_gb,
                 verified_blocks=sum(x.verified for x in rs),
             )
-            cpu = f", node CPU {cell.node_cpu_s_per_gb:.3f} s/GB" if op != "memcpy" else ""
+            cpu = f", node CPU {cell.node_cpu_s_per_gb:.3f} s/GB" if kv else ""
             log(
-                f"  {row:17} {format_size(size):>6}: {cell.gbps:6.2f} GB/s "
+                f"  {row:19} {format_size(size):>6}: {cell.gbps:6.2f} GB/s "
                 f"(rounds {', '.join(f'{g:.2f}' for g in cell.rounds_gbps)}){cpu}"
             )
             cells.append(cell)
         return cells
 
 
-def bench_kvpool_shm(plan: Plan, data: Data, nonce: str) -> dict[str, Any]:
+def check_arena_counters(
+    tr: ArenaTransport, moved: dict[str, dict[str, int]], cells: list[ArenaCell], rounds: int
+) -> None:
+    """The section's bytes went over ``tr`` alone, and the node copied exactly the staging
+    rows' bytes (all rounds, the warm-up too) through the arena."""
+    check_only_over(tr.name, moved)
+
+    def total(op: str, staging: bool | None = None) -> int:
+        return sum(
+            c.bytes_per_round * rounds
+            for c in cells
+            if c.op == op and (staging is None or (c.buffers == "staging") == staging)
+        )
+
+    mine = moved[tr.name]
+    if mine["bytes_in"] < total("PUT"):
+        raise BenchError(
+            f"the node counted {mine['bytes_in']} {tr.name} bytes in, sent {total('PUT')}"
+        )
+    for key, op in (("copied_in", "PUT"), ("copied_out", "GET")):
+        if mine[key] != total(op, staging=True):
+            raise BenchError(
+                f"the node's {tr.name} {key} moved {mine[key]}, the staging {op} rows "
+                f"moved {total(op, staging=True)}"
+            )
+
+
+def bench_kvpool_arena(tr: ArenaTransport, plan: Plan, data: Data, nonce: str) -> dict[str, Any]:
     import kvpool
 
-    with ProcessSet() as procs:
-        server, address = start_kvpool(procs, plan)
-        # Two staging buffers of the largest batch, and slack for the allocator's rounding.
-        arena = kvpool.StagingArena(2 * plan.batch * max(plan.sizes) + (8 << 20))
-        client = kvpool.Client(address, timeout=60.0, transport="shm", arena=arena)
-        try:
-            before = client.stats()["transports"]
-            if client.transport != "shm":
-                raise BenchError(f"kvpool client asked for shm, got {client.transport}")
-            bench = ShmBench(client, server.pid, plan, data, nonce)
-            cells = [c for size in plan.sizes for c in bench.run_size(size)]
-            moved = counter_delta(before, client.stats()["transports"])
-        finally:
-            client.close()
-        server.check_alive()
-    if moved["tcp"]["bytes_in"] or moved["tcp"]["bytes_out"]:
-        raise BenchError(f"the shared-memory section moved bytes over TCP: {moved}")
-    put = sum(c.bytes_per_round * (plan.shm_rounds + 1) for c in cells if c.op == "PUT")
-    if moved["shm"]["bytes_in"] < put:
-        raise BenchError(f"the node counted {moved['shm']['bytes_in']} shm bytes in, sent {put}")
+    saved = {k: os.environ.get(k) for k in tr.env}
+    os.environ.update(tr.env)  # the client's side of the provider
+    try:
+        with ProcessSet() as procs:
+            server, address = start_kvpool(procs, plan, tr.env)
+            peer = ProcessVmPeer(procs) if tr.process_vm else None
+            # Two staging buffers of the largest batch, and slack for the allocator's rounding.
+            arena = kvpool.StagingArena(2 * plan.batch * max(plan.sizes) + (8 << 20))
+            client = kvpool.Client(address, timeout=60.0, transport=tr.name, arena=arena)
+            try:
+                before = client.stats()["transports"]
+                if client.transport != tr.name:
+                    raise BenchError(f"kvpool client asked for {tr.name}, got {client.transport}")
+                bench = ArenaBench(tr, client, server.pid, plan, data, nonce, peer)
+                cells = [c for size in plan.sizes for c in bench.run_size(size)]
+                moved = counter_delta(before, client.stats()["transports"])
+            finally:
+                client.close()
+            server.check_alive()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    check_arena_counters(tr, moved, cells, plan.shm_rounds + 1)
     log(f"  kvpool node transport counters moved: {moved}")
     by = {(c.row, c.block_bytes): c for c in cells}
-    ratios = {
-        row: {str(s): by[(row, s)].gbps / by[(base, s)].gbps for s in plan.sizes}
-        for row, base in SHM_BASELINE.items()
-    }
+
+    def ratios_to(base: str) -> dict[str, dict[str, float]]:
+        return {
+            row: {str(s): by[(row, s)].gbps / by[(b, s)].gbps for s in plan.sizes}
+            for row, b in arena_baselines(tr, base).items()
+        }
+
+    limit = (
+        "; process_vm rows: this process's bare process_vm_writev (PUT) / process_vm_readv "
+        "(GET), one call per batch, between the same staging buffers and a 256 MiB arena in "
+        "another process: the soft provider's own copy (the node makes one call per block)"
+        if tr.process_vm
+        else ""
+    )
     return {
         "available": True,
         "note": (
-            "second kvpool server process; one client thread, kvpool.Client(transport='shm') "
-            "with its own StagingArena; 'staging' rows put/get_into slices of staging_buffer() "
-            "(zero-copy on the client, the node does one memcpy), 'ordinary' rows numpy buffers "
-            "outside the arena (bytes inline on the unix socket); memcpy rows: np.copyto, one "
-            "thread, between the same staging buffer and a 256 MiB arena, interleaved round by "
-            "round with the kvpool rows; a batch of >= 8 MiB travels over two connections"
+            f"second kvpool server process{' with ' + str(tr.env) if tr.env else ''}; one "
+            f"client thread, kvpool.Client(transport='{tr.name}') with its own StagingArena; "
+            f"'staging' rows put/get_into slices of staging_buffer() (zero-copy on the client, "
+            f"the node does the one copy), 'ordinary' rows numpy buffers outside the arena "
+            f"(bytes inline on {tr.wire}); memcpy rows: np.copyto, one thread, between the same "
+            f"staging buffer and a 256 MiB arena, interleaved round by round with the kvpool "
+            f"rows; a batch of >= 8 MiB travels over two connections{limit}"
         ),
         "cells": [asdict(c) for c in cells],
-        "ratios": ratios,
+        "ratios": ratios_to("memcpy"),
+        **({"ratios_process_vm": ratios_to("process_vm")} if tr.process_vm else {}),
         "transport_bytes_moved": moved,
     }
 
@@ -1250,69 +1423,82 @@ def print_tables(report: dict[str, Any], systems: dict[str, SystemResult], plan:
                 line(row, [f"{by_size[str(s)]:.2f}x" if str(s) in by_size else "-" for s in sizes])
             )
     print()
-    shm = report.get("shm")
-    if shm is not None:
-        print_shm_tables(shm, plan)
-    print_cpu_table(systems, shm, plan)
-    print_targets(report, systems, shm, plan)
+    arenas = arena_sections(report)
+    for tr, section in arenas:
+        print_arena_tables(tr, section, plan)
+    print_cpu_table(systems, arenas, plan)
+    print_targets(report, systems, arenas, plan)
 
 
-def _shm_cells(shm: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(c["row"], c["block_bytes"]): c for c in shm.get("cells", [])}
+def arena_sections(report: dict[str, Any]) -> list[tuple[ArenaTransport, dict[str, Any]]]:
+    """The arena transports' sections of this report (JSON key: the transport's name)."""
+    return [(tr, report[tr.name]) for tr in ARENA_TRANSPORTS.values() if tr.name in report]
 
 
-def print_shm_tables(shm: dict[str, Any], plan: Plan) -> None:
+def _arena_cells(section: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(c["row"], c["block_bytes"]): c for c in section.get("cells", [])}
+
+
+def arena_label(tr: ArenaTransport, row: str, op: str, buffers: str) -> str:
+    if op == "memcpy":
+        return f"memcpy 1 thread, {buffers}"
+    if op == "process_vm":
+        return f"process_vm_{'writev' if row.endswith('PUT') else 'readv'}, {buffers}"
+    kind = "staging buffers" if buffers == "staging" else "ordinary (inline)"
+    return f"kvpool {tr.name} {op}, {kind}"
+
+
+def print_arena_tables(tr: ArenaTransport, section: dict[str, Any], plan: Plan) -> None:
     sizes = plan.sizes
-    w = 20
+    w = 28
 
     def line(label: str, cells: list[str]) -> str:
-        return f"{label:<36}" + "".join(f"{c:>{w}}" for c in cells)
+        return f"{label:<40}" + "".join(f"{c:>{w}}" for c in cells)
 
-    if not shm.get("available"):
-        print(f"kvpool over shared memory unavailable: {shm.get('reason', '').splitlines()[0]}")
+    if not section.get("available"):
+        print(f"kvpool {tr.name} unavailable: {section.get('reason', '').splitlines()[0]}")
         print()
         return
-    cm = _shm_cells(shm)
+    cm = _arena_cells(section)
+    vm = section.get("ratios_process_vm", {})
     print(
-        f"Shared memory, GB/s and ratio to memcpy of the same bytes: one client thread, "
-        f"batches of {plan.batch}, median of {plan.shm_rounds} rounds, each row's rounds "
-        f"interleaved with the others'"
+        f"{tr.title}, GB/s and ratio to memcpy of the same bytes"
+        f"{' (and to process_vm)' if vm else ''}: one client thread, batches of {plan.batch}, "
+        f"median of {plan.shm_rounds} rounds, each row's rounds interleaved with the others'"
     )
     print(line("row", [format_size(s) for s in sizes]))
-    labels = {
-        "memcpy PUT": "memcpy 1 thread, staging -> arena",
-        "shm PUT staging": "kvpool shm PUT, staging buffers",
-        "shm PUT ordinary": "kvpool shm PUT, ordinary (inline)",
-        "memcpy GET": "memcpy 1 thread, arena -> staging",
-        "shm GET staging": "kvpool shm GET, staging buffers",
-        "shm GET ordinary": "kvpool shm GET, ordinary (inline)",
-    }
-    for row, _, _ in SHM_ROWS:
+    rows = arena_rows(tr)
+    for row, op, buffers in rows:
         out = []
         for s in sizes:
             c = cm.get((row, s))
             if c is None:
                 out.append("-")
                 continue
-            ratio = shm["ratios"].get(row, {}).get(str(s))
-            out.append(f"{c['gbps']:.2f} GB/s" + (f" {ratio:.2f}x" if ratio is not None else ""))
-        print(line(labels[row], out))
+            text = f"{c['gbps']:.2f} GB/s"
+            ratio = section["ratios"].get(row, {}).get(str(s))
+            text += f" {ratio:.2f}x" if ratio is not None else ""
+            ratio = vm.get(row, {}).get(str(s))
+            out.append(text + (f" ({ratio:.2f}x vm)" if ratio is not None else ""))
+        print(line(arena_label(tr, row, op, buffers), out))
     print()
-    print("Shared memory, batch latency p50 / p99 ms")
+    print(f"{tr.title}, batch latency p50 / p99 ms")
     print(line("row", [format_size(s) for s in sizes]))
-    for row, op, _ in SHM_ROWS:
-        if op == "memcpy":
+    for row, op, buffers in rows:
+        if op not in OPS:
             continue
         out = []
         for s in sizes:
             lat = cm[(row, s)]["latency"] if (row, s) in cm else None
             out.append(f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f}" if lat else "-")
-        print(line(labels[row], out))
+        print(line(arena_label(tr, row, op, buffers), out))
     print()
 
 
 def print_cpu_table(
-    systems: dict[str, SystemResult], shm: dict[str, Any] | None, plan: Plan
+    systems: dict[str, SystemResult],
+    arenas: list[tuple[ArenaTransport, dict[str, Any]]],
+    plan: Plan,
 ) -> None:
     sizes = plan.sizes
     w = 20
@@ -1337,16 +1523,18 @@ def print_cpu_table(
                 moved_gb += [len(c.rounds_gbps) * c.bytes_per_round / 1e9 for c in cells if c]
                 label = f"{name} {'tcp ' if name == 'kvpool' else ''}{op} x{threads}"
                 rows.append(line(label, [fmt(c.node_cpu_s_per_gb if c else None) for c in cells]))
-    if shm is not None and shm.get("available"):
-        cm2 = _shm_cells(shm)
-        for row, op, buffers in SHM_ROWS:
-            if op == "memcpy":
+    for tr, section in arenas:
+        if not section.get("available"):
+            continue
+        cm2 = _arena_cells(section)
+        for row, op, buffers in arena_rows(tr):
+            if op not in OPS:
                 continue
             cells2 = [cm2.get((row, s)) for s in sizes]
             moved_gb += [len(c["rounds_gbps"]) * c["bytes_per_round"] / 1e9 for c in cells2 if c]
             rows.append(
                 line(
-                    f"kvpool shm {op} x1, {buffers}",
+                    f"kvpool {tr.name} {op} x1, {buffers}",
                     [
                         fmt(c["node_cpu_s_per_gb"], c["client_cpu_s_per_gb"]) if c else "-"
                         for c in cells2
@@ -1360,7 +1548,7 @@ def print_cpu_table(
         f"Node CPU time per GB moved, s/GB: utime+stime of the server process "
         f"(/proc/<pid>/stat) over all measured rounds, one tick ({tick:.2f} s) = "
         f"{tick / max(moved_gb):.3f}..{tick / min(moved_gb):.3f} s/GB here; "
-        f"shm rows: (this client process's CPU)"
+        f"shm and rdma rows: (this client process's CPU)"
     )
     print(line("system transport op threads", [format_size(s) for s in sizes]))
     for r in rows:
@@ -1369,7 +1557,10 @@ def print_cpu_table(
 
 
 def print_targets(
-    report: dict[str, Any], systems: dict[str, SystemResult], shm: dict[str, Any] | None, plan: Plan
+    report: dict[str, Any],
+    systems: dict[str, SystemResult],
+    arenas: list[tuple[ArenaTransport, dict[str, Any]]],
+    plan: Plan,
 ) -> None:
     lines: list[str] = []
     link = report["iperf3"].get("gbps")
@@ -1383,18 +1574,24 @@ def print_targets(
                 if (op, 1, s) in cm
             ]
             lines.append(f"kvpool tcp {op} x1 >= {TCP_TARGET}x iperf3: " + ", ".join(parts))
-    if shm is not None and shm.get("available"):
-        for row in ("shm PUT staging", "shm GET staging"):
+    for tr, section in arenas:
+        if not section.get("available"):
+            continue
+        vm = section.get("ratios_process_vm", {})
+        for op in OPS:
+            row = f"{tr.name} {op} staging"
             parts = []
-            for s in SHM_TARGET_SIZES:
-                ratio = shm["ratios"][row].get(str(s))
+            for s in ARENA_TARGET_SIZES:
+                ratio = section["ratios"][row].get(str(s))
                 if ratio is None:
                     continue
-                verdict = "met" if ratio >= SHM_TARGET else "NOT met"
-                parts.append(f"{format_size(s)} {ratio:.2f}x {verdict}")
+                verdict = "met" if ratio >= tr.target else "NOT met"
+                to_vm = vm.get(row, {}).get(str(s))
+                extra = f" ({to_vm:.2f}x process_vm)" if to_vm is not None else ""
+                parts.append(f"{format_size(s)} {ratio:.2f}x {verdict}{extra}")
             if parts:
-                op = row.split()[1]
-                lines.append(f"kvpool shm {op} x1 >= {SHM_TARGET}x memcpy: " + ", ".join(parts))
+                what = f"kvpool {tr.name}" + (" (soft provider)" if tr.process_vm else "")
+                lines.append(f"{what} {op} x1 >= {tr.target}x memcpy: " + ", ".join(parts))
     if lines:
         print("Targets")
         for text in lines:
@@ -1407,6 +1604,7 @@ def print_targets(
         print()
 
 
+# --------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------
 # Command line
 
@@ -1431,12 +1629,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="blocks per batch (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per cell (median)")
     p.add_argument("--round-mib", type=int, help="MiB moved per round (default 256, quick 32)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of %(default)s")
+    p.add_argument("--systems", help=f"subset of {','.join(SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--transport",
+        choices=tuple(TRANSPORT_SYSTEMS),
+        help="kvpool on one transport only: the same as --systems "
+        + ", ".join(f"{s} ({t})" for t, s in TRANSPORT_SYSTEMS.items()),
+    )
     p.add_argument("--kvpool-memory", default="3GiB", help="kvpool server --memory")
     p.add_argument(
         "--shm-rounds",
         type=int,
-        help="measured rounds of the kvpool-shm section (default 9, quick 3)",
+        help="measured rounds of the kvpool-shm and kvpool-rdma sections (default 9, quick 3)",
     )
     p.add_argument("--json-out", default=str(DEFAULT_JSON), help="default: %(default)s")
     # Internal: the Mooncake child (inside unshare -n) and its storage process.
@@ -1501,7 +1705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mooncake_only(args, plan)
 
     install_interrupt_handlers()
-    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.transport and args.systems:
+        raise SystemExit("give --systems or --transport, not both")
+    wanted = TRANSPORT_SYSTEMS[args.transport] if args.transport else args.systems
+    chosen = [s.strip() for s in (wanted or ",".join(SYSTEMS)).split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
@@ -1538,14 +1745,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"{name}: starting")
         t0 = time.perf_counter()
         steal0 = host_steal_seconds()
-        if name == "kvpool-shm":
+        if name in ARENA_TRANSPORTS:
             # Its own table (ratios to memcpy, not to iperf3); kept out of ``systems``.
+            tr = ARENA_TRANSPORTS[name]
             try:
-                report["shm"] = bench_kvpool_shm(plan, data, nonce)
+                report[tr.name] = bench_kvpool_arena(tr, plan, data, nonce)
                 status = "done"
             except (ServiceError, BenchError, KVPoolError) as e:
-                report["shm"] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-                status = f"unavailable: {report['shm']['reason'].splitlines()[0]}"
+                report[tr.name] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+                status = f"unavailable: {report[tr.name]['reason'].splitlines()[0]}"
             steal[name] = (host_steal_seconds() - steal0) / (time.perf_counter() - t0) / NCPU
             log(f"{name}: {status} ({time.perf_counter() - t0:.0f}s, host steal {steal[name]:.1%})")
             continue
