@@ -20,11 +20,10 @@ Status RdmaLink::Run(std::vector<rdma::WorkRequest>& wrs) {
       for (size_t i = 0; i < n.value(); ++i) {
         const rdma::Completion& c = completions_[i];
         if (c.status != rdma::WcStatus::kSuccess) {
-          return Status(ErrorCode::kConnection, std::string("RDMA ") +
-                                                    (c.opcode == rdma::Opcode::kRead ? "READ"
-                                                                                     : "WRITE") +
-                                                    " of request " + std::to_string(c.wr_id) +
-                                                    " failed: " + rdma::WcStatusName(c.status));
+          return Status(ErrorCode::kConnection,
+                        std::string("RDMA ") +
+                            (c.opcode == rdma::Opcode::kRead ? "READ" : "WRITE") + " of request " +
+                            std::to_string(c.wr_id) + " failed: " + rdma::WcStatusName(c.status));
         }
         done = done || c.wr_id == wrs[end - 1].wr_id;
       }
