@@ -407,6 +407,16 @@ PYBIND11_MODULE(_core, m) {
         Check(e.Scatter(ids, buf.span()));
       });
 
+  py::class_<RdmaOptions>(m, "RdmaOptions")
+      .def(py::init<>())
+      .def_readwrite("devices", &RdmaOptions::devices)
+      .def_readwrite("link_type", &RdmaOptions::link_type)
+      .def_readwrite("port", &RdmaOptions::port)
+      .def_readwrite("gpu", &RdmaOptions::gpu)
+      .def_readwrite("num_gpus", &RdmaOptions::num_gpus)
+      .def_readwrite("gpu_numa", &RdmaOptions::gpu_numa)
+      .def("validate", [](const RdmaOptions& o) { Check(ValidateRdmaOptions(o)); });
+
   py::class_<ServerOptions>(m, "ServerOptions")
       .def(py::init<>())
       .def_readwrite("host", &ServerOptions::host)
@@ -460,7 +470,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("shm_socket", &ServerOptions::shm_socket)
       .def_readwrite("shm_allow_uids", &ServerOptions::shm_allow_uids)
       .def_readwrite("shm_allow_gids", &ServerOptions::shm_allow_gids)
-      .def_readwrite("shm_max_arena_bytes", &ServerOptions::shm_max_arena_bytes);
+      .def_readwrite("shm_max_arena_bytes", &ServerOptions::shm_max_arena_bytes)
+      .def_readwrite("rdma", &ServerOptions::rdma);
 
   py::class_<StagingBuffer>(m, "StagingBuffer", py::buffer_protocol())
       .def_buffer([](StagingBuffer& b) {
@@ -529,17 +540,20 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init([](const std::string& host, uint16_t port, uint32_t timeout_ms,
                        uint32_t connect_timeout_ms, uint32_t max_idle_connections,
                        const std::string& transport,
-                       std::optional<std::shared_ptr<StagingArena>> arena, size_t arena_bytes) {
+                       std::optional<std::shared_ptr<StagingArena>> arena, size_t arena_bytes,
+                       std::optional<RdmaOptions> rdma) {
              ClientOptions o{host, port, timeout_ms, connect_timeout_ms, max_idle_connections};
              o.transport = Unwrap(ParseTransportChoice(transport));
              if (arena) o.arena = *arena;
              o.arena_bytes = arena_bytes;
+             if (rdma) o.rdma = *rdma;
              py::gil_scoped_release release;
              return Unwrap(Client::Connect(o));
            }),
            py::arg("host"), py::arg("port"), py::arg("timeout_ms"), py::arg("connect_timeout_ms"),
            py::arg("max_idle_connections"), py::arg("transport") = "auto",
-           py::arg("arena") = std::nullopt, py::arg("arena_bytes") = size_t{64} << 20)
+           py::arg("arena") = std::nullopt, py::arg("arena_bytes") = size_t{64} << 20,
+           py::arg("rdma") = std::nullopt)
       .def_property_readonly("address", &Client::address)
       .def_property_readonly(
           "transport", [](Client& c) { return std::string(TransportKindName(c.transport())); })

@@ -294,6 +294,7 @@ Result<TransportChoice> ParseTransportChoice(std::string_view name) {
 }
 
 Result<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  KVPOOL_RETURN_IF_ERROR(ValidateRdmaOptions(options.rdma));
   std::unique_ptr<Client> client(new Client(options));
   const auto deadline = net::Deadline::In(
       std::chrono::milliseconds(std::min(options.timeout_ms, options.connect_timeout_ms)));
@@ -447,7 +448,7 @@ Result<std::unique_ptr<Connection>> Client::DialRdma(net::Deadline deadline) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (rdma_device_ == nullptr) {
-      auto opened = rdma::OpenDevice();
+      auto opened = rdma::OpenDevice(options_.rdma);
       if (!opened.ok()) return opened.status();
       auto registered =
           opened.value()->Register(arena.value()->base(), arena.value()->size(),

@@ -598,6 +598,7 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
     shm = shm || kind == TransportKind::kShm;
     want_rdma = want_rdma || kind == TransportKind::kRdma;
   }
+  KVPOOL_RETURN_IF_ERROR(ValidateRdmaOptions(options.rdma));
   if (shm && options.limits.version < 2) {
     return Status(ErrorCode::kInvalidArgument, "shared memory needs protocol version 2");
   }
@@ -635,7 +636,7 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   server->node_id_ = RandomNodeId();
   if (want_rdma && options.limits.version >= 2) {
     // No device is no error: the node says why, once, and serves TCP and shared memory.
-    auto device = rdma::OpenDevice();
+    auto device = rdma::OpenDevice(options.rdma);
     Result<rdma::MemoryRegion> pool = Status(ErrorCode::kUnsupported, "");
     if (device.ok()) {
       pool = device.value()->Register(server->store_->pool().base(),
@@ -644,10 +645,17 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
     if (device.ok() && pool.ok()) {
       server->rdma_device_ = std::move(device.value());
       server->rdma_pool_ = std::make_unique<rdma::MemoryRegion>(pool.value());
-      KVPOOL_LOG(kInfo, "RDMA served", "device", server->rdma_device_->name());
+      KVPOOL_LOG(kInfo, "RDMA served", "device", server->rdma_device_->description());
     } else {
-      KVPOOL_LOG(kInfo, "RDMA not served", "reason",
-                 (device.ok() ? pool.status() : device.status()).ToString());
+      // No device at all is the common case (info); a device that was asked for and cannot be
+      // used is a misconfiguration worth a warning. Either way the node serves on.
+      const Status why = device.ok() ? pool.status() : device.status();
+      const bool asked = !options.rdma.devices.empty() || why.code() != ErrorCode::kUnsupported;
+      if (asked) {
+        KVPOOL_LOG(kWarning, "RDMA not served", "reason", why.ToString());
+      } else {
+        KVPOOL_LOG(kInfo, "RDMA not served", "reason", why.ToString());
+      }
     }
   }
   server->accept_thread_ = std::thread([s = server.get()] { s->AcceptLoop(); });

@@ -13,6 +13,7 @@ __all__: list[str] = [
     "KVRegion",
     "Namespace",
     "Placement",
+    "RdmaOptions",
     "RedisIndexReader",
     "Server",
     "ServerOptions",
@@ -124,10 +125,33 @@ class CopyEngine:
     @property
     def regions(self) -> list[KVRegion]: ...
 
+class RdmaOptions:
+    devices: str
+    link_type: str
+    def __init__(self) -> None: ...
+    def validate(self) -> None: ...
+    @property
+    def gpu(self) -> int: ...
+    @gpu.setter
+    def gpu(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def gpu_numa(self) -> int: ...
+    @gpu_numa.setter
+    def gpu_numa(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def num_gpus(self) -> int: ...
+    @num_gpus.setter
+    def num_gpus(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def port(self) -> int: ...
+    @port.setter
+    def port(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+
 class ServerOptions:
     eviction: str
     host: str
     hugepages: str
+    rdma: RdmaOptions
     shm_socket: str
     def __init__(self) -> None: ...
     @property
@@ -229,6 +253,7 @@ class Client:
         transport: str = "auto",
         arena: StagingArena | None = None,
         arena_bytes: typing.SupportsInt | typing.SupportsIndex = 67108864,
+        rdma: RdmaOptions | None = None,
     ) -> None: ...
     def arena(self) -> StagingArena: ...
     def delete(self, arg0: collections.abc.Sequence) -> list: ...

@@ -38,8 +38,18 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--advertise", help="host:port clients reach this node at (default host:port)")
     p.add_argument("--lease-ttl", dest="lease_ttl", type=float, help="seconds (default 3)")
     p.add_argument(
-        "--transports", help="transports served, comma-separated (default tcp,shm; tcp always)"
+        "--transports",
+        help="transports served, comma-separated (default tcp,shm,rdma; tcp always)",
     )
+    p.add_argument(
+        "--rdma-devices",
+        dest="rdma_devices",
+        help="RDMA devices name[:gid_index],... e.g. mlx5_1:6,mlx5_2:7 (default: first found)",
+    )
+    p.add_argument(
+        "--rdma-link-type", dest="rdma_link_type", help="IB or Ethernet (RoCE v2; the default)"
+    )
+    p.add_argument("--rdma-port", dest="rdma_port", type=int, help="RDMA device port (default 1)")
     p.add_argument(
         "--shm-socket",
         dest="shm_socket",

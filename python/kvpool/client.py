@@ -9,6 +9,7 @@ from typing import Any
 from kvpool import _core
 from kvpool._closing import Closing
 from kvpool.errors import InvalidArgumentError, KVPoolConnectionError
+from kvpool.rdma import RdmaSettings
 from kvpool.staging import StagingArena
 
 __all__ = ["TRANSPORTS", "Client", "parse_address"]
@@ -53,7 +54,10 @@ class Client(Closing):
 
     ``transport`` picks how block bytes cross (:data:`TRANSPORTS`); :attr:`transport` tells
     which one is in use. On shared memory, buffers from :meth:`staging_buffer` (or from the
-    ``arena`` passed in) cross with a single copy, done by the node.
+    ``arena`` passed in) cross with a single copy, done by the node, and on RDMA with none: the
+    node's NIC reads and writes them. ``rdma_devices`` (``"mlx5_1:6,mlx5_2:7"``),
+    ``rdma_link_type`` (``"IB"`` or ``"Ethernet"``), ``rdma_port`` and ``rdma_gpu`` choose the
+    RDMA device (:mod:`kvpool.rdma`).
     """
 
     def __init__(
@@ -65,6 +69,10 @@ class Client(Closing):
         max_idle_connections: int = 8,
         transport: str = "auto",
         arena: StagingArena | None = None,
+        rdma_devices: str = "",
+        rdma_link_type: str = "Ethernet",
+        rdma_port: int = 1,
+        rdma_gpu: int = -1,
     ) -> None:
         if timeout <= 0 or connect_timeout <= 0:
             raise InvalidArgumentError(
@@ -75,6 +83,7 @@ class Client(Closing):
                 f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}"
             )
         host, port = parse_address(address)
+        rdma = RdmaSettings(rdma_devices, rdma_link_type, rdma_port, rdma_gpu).options()
         self.address = address
         self._arena = arena
         self._handle: Any = _core.Client(
@@ -85,11 +94,12 @@ class Client(Closing):
             max_idle_connections,
             transport,
             arena._native if arena is not None else None,
+            rdma=rdma,
         )
 
     @property
     def transport(self) -> str:
-        """The transport of the most recent connection: ``"tcp"`` or ``"shm"``."""
+        """The transport of the most recent connection: ``"tcp"``, ``"shm"`` or ``"rdma"``."""
         return str(self._native.transport)
 
     @property

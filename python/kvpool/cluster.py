@@ -17,6 +17,7 @@ from kvpool._closing import Closing
 from kvpool.client import TRANSPORTS, Client
 from kvpool.errors import InstallError, InvalidArgumentError, KVPoolError
 from kvpool.metadata import Member, Registry, load_library
+from kvpool.rdma import RdmaSettings
 from kvpool.staging import StagingArena
 
 __all__ = ["Cluster"]
@@ -42,6 +43,8 @@ class Cluster(Closing):
     ``transport`` is chosen per member: shared memory for nodes that advertise it on this host
     (``"auto"`` falls back to TCP when it fails, ``"shm"`` does not), TCP for the rest. All members
     share one staging ``arena``: a buffer from :meth:`staging_buffer` is zero-copy to each of them.
+    Members elsewhere that advertise RDMA get the configured ``transport`` too, on the device the
+    ``rdma_*`` settings choose (as for :class:`kvpool.Client`).
     """
 
     def __init__(
@@ -54,6 +57,10 @@ class Cluster(Closing):
         max_workers: int = 16,
         transport: str = "auto",
         arena: StagingArena | None = None,
+        rdma_devices: str = "",
+        rdma_link_type: str = "Ethernet",
+        rdma_port: int = 1,
+        rdma_gpu: int = -1,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout}")
@@ -62,6 +69,8 @@ class Cluster(Closing):
                 f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}"
             )
         self.transport = transport
+        self._rdma = RdmaSettings(rdma_devices, rdma_link_type, rdma_port, rdma_gpu)
+        self._rdma.options()  # a bad setting or GPU binding fails here, not per member
         self._arena = arena
         self._host_id = _core.host_id()
         if replicas < 0:
@@ -171,6 +180,10 @@ class Cluster(Closing):
                 connect_timeout=min(self.timeout, 1.0),
                 transport=transport,
                 arena=self.arena if transport != "tcp" else None,
+                rdma_devices=self._rdma.devices,
+                rdma_link_type=self._rdma.link_type,
+                rdma_port=self._rdma.port,
+                rdma_gpu=self._rdma.gpu,
             )
         except KVPoolError as e:
             log.info("node %s (%s) unreachable: %s", m.node_id, m.address, e)

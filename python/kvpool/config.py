@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any, Self
 
 from kvpool.errors import ConfigError
+from kvpool.rdma import RdmaSettings
+
+log = logging.getLogger("kvpool.config")
 
 __all__ = ["ConnectorConfig", "ServerConfig", "parse_size"]
 
@@ -134,6 +138,11 @@ class _Settings:
         """Raises ConfigError naming the first bad value."""
 
     @classmethod
+    def _seed_settings(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """Settings read from the seed's (AIBrix's) variables, below all of kvpool's own."""
+        return {}
+
+    @classmethod
     def load(
         cls,
         *,
@@ -142,10 +151,14 @@ class _Settings:
         overrides: Mapping[str, Any] | None = None,
         overrides_source: str = "command line",
     ) -> Self:
-        """Defaults, then ``file`` (TOML; keys at top level or under the class's section), then
-        ``KVPOOL_<KEY>`` variables from ``env`` (default ``os.environ``), then ``overrides``."""
+        """Defaults, then the seed's variables (:meth:`_seed_settings`), then ``file`` (TOML; keys
+        at top level or under the class's section), then ``KVPOOL_<KEY>`` variables from ``env``
+        (default ``os.environ``), then ``overrides``."""
         config = cls()
         env = os.environ if env is None else env
+        seeded = cls._seed_settings(env)
+        if seeded:
+            config.update(seeded, source="AIBrix environment")
         path = file or env.get("KVPOOL_CONFIG")
         if path:
             try:
@@ -198,7 +211,7 @@ class ServerConfig(_Settings):
     lease_ttl: float = 3.0
     #: Transports served, comma-separated: "tcp" always (discovery and remote clients), "shm"
     #: for same-host clients over the unix-domain socket ``shm_socket``, "rdma" when an RDMA
-    #: device opens (today: the software provider, KVPOOL_RDMA_PROVIDER=soft).
+    #: device opens (the device ``rdma_*`` select; without one the node says why and serves on).
     transports: str = "tcp,shm,rdma"
     #: Default: $XDG_RUNTIME_DIR (else /tmp) /kvpool-<uid>/node-<host>-<port>.sock.
     shm_socket: str = ""
@@ -211,6 +224,12 @@ class ServerConfig(_Settings):
     #: The newest wire protocol version the node speaks (1 or 2). 1 serves TCP only, exactly as
     #: a v1 node did: for a rolling downgrade, or to test a client against an old node.
     protocol_version: int = 2
+    #: RDMA devices, ``name[:gid_index],...`` (``mlx5_1:6,mlx5_2:7``); default: the first found.
+    rdma_devices: str = ""
+    #: ``IB`` (LID routing) or ``Ethernet`` (RoCE v2; the GID of the port's IPv4 address unless
+    #: the device list gives an index).
+    rdma_link_type: str = "Ethernet"
+    rdma_port: int = 1
 
     def transport_list(self) -> list[str]:
         return [t.strip() for t in self.transports.split(",") if t.strip()]
@@ -256,6 +275,10 @@ class ServerConfig(_Settings):
                 ids = [-1]
             if any(not 0 <= i < 1 << 32 for i in ids):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not a comma list of ids")
+        self.rdma().check(error=ConfigError)
+
+    def rdma(self) -> RdmaSettings:
+        return RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port)
 
 
 @dataclass
@@ -278,12 +301,47 @@ class ConnectorConfig(_Settings):
     #: The model's name in block keys; default: vLLM's model name or path. Set it when engines
     #: load the same weights from different paths.
     model_id: str = ""
-    #: How block bytes cross to each node: "auto" (shared memory to nodes on this host, TCP to
-    #: the rest), "tcp", or "shm" (same-host nodes must take shared memory, no fallback).
+    #: How block bytes cross to each node: "auto" (shared memory to nodes on this host, RDMA to
+    #: nodes elsewhere that offer it, TCP to the rest; falling back to TCP, logged once), "tcp",
+    #: or "shm" / "rdma" (nodes that offer it must take it: no fallback).
     transport: str = _choice("auto", ("auto", "tcp", "shm", "rdma"))
     #: The worker's staging arena (shared with same-host nodes); loads and saves that do not fit
     #: use ordinary memory, whose bytes cross on the socket instead.
     staging_bytes: int = _size(256 << 20)
+    #: RDMA device selection, as on nodes (``rdma_devices``, ``rdma_link_type``, ``rdma_port``),
+    #: and the GPU whose nearest device to use: -1 takes the worker's own CUDA device when vLLM
+    #: runs on GPUs (none on CPU).
+    rdma_devices: str = ""
+    rdma_link_type: str = "Ethernet"
+    rdma_port: int = 1
+    rdma_gpu: int = -1
+
+    @classmethod
+    def _seed_settings(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """AIBrix's ``AIBRIX_KV_CACHE_OL_INFINISTORE_*`` variables that mean something here:
+        the connection type and the RDMA device list and link type. The rest name an InfiniStore
+        server, which kvpool replaces by nodes found through Redis: logged as ignored."""
+        prefix = "AIBRIX_KV_CACHE_OL_INFINISTORE_"
+        keys = {
+            "CONNECTION_TYPE": "transport",
+            "LINK_TYPE": "rdma_link_type",
+            "VISIBLE_DEV_LIST": "rdma_devices",
+        }
+        out: dict[str, Any] = {}
+        for var in sorted(v for v in env if v.startswith(prefix)):
+            value, key = env[var], keys.get(var[len(prefix) :])
+            if key is None:
+                log.info("%s ignored: kvpool finds its nodes through Redis", var)
+                continue
+            if key == "transport":
+                # RDMA where nodes offer it, shared memory on the same host, TCP fallback.
+                kinds = {"RDMA": "auto", "TCP": "tcp"}
+                if value.strip().upper() not in kinds:
+                    raise ConfigError(f"{var} = {value!r}, expected RDMA or TCP")
+                value = kinds[value.strip().upper()]
+            out[key] = value
+            log.info("%s read as %s = %r", var, key, value)
+        return out
 
     def validate(self) -> None:
         _check_redis_url("redis_url", self.redis_url)
@@ -293,3 +351,6 @@ class ConnectorConfig(_Settings):
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.replicas < 0:
             raise ConfigError(f"replicas must be >= 0, got {self.replicas}")
+        RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port, self.rdma_gpu).check(
+            error=ConfigError
+        )

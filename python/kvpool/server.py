@@ -38,6 +38,7 @@ def _core_options(config: ServerConfig) -> Any:
     o.shm_allow_uids = config.allowed_ids("shm_allow_uids")
     o.shm_allow_gids = config.allowed_ids("shm_allow_gids")
     o.shm_max_arena_bytes = config.shm_max_arena_bytes
+    o.rdma = config.rdma().options()
     if config.redis:
         o.event_capacity = 1 << 18  # drained every publish interval; overflow forces a resync
     return o

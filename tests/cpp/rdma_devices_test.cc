@@ -1,6 +1,7 @@
 // RDMA device selection without a device: the device list "name[:gid_index],..." and link type
 // parsers, GID helpers, the GPU -> device mapping (i*ndev/n), discovery over a fake sysfs tree
-// written the way the kernel lays out /sys/class/infiniband, and SelectDevice's rules over it.
+// written the way the kernel lays out /sys/class/infiniband, SelectDevice's rules over it, and
+// OpenDevice's way from the options through selection to the libibverbs provider.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 #include "kvpool/status.h"
 #include "transport/rdma/devices.h"
+#include "transport/rdma/verbs.h"
 
 namespace kvpool::rdma {
 namespace {
@@ -749,9 +751,7 @@ TEST(RdmaSelectDevice, NumaNoMatchIsPlainMapping) {
 // Rule (header: "GPU i of n uses device i*ndev/n, preferring devices on the GPU's NUMA node"):
 // on the common 8-GPU / 4-NIC / 2-socket host (GPUs 0-3 and NICs 0-1 on node 0, GPUs 4-7 and
 // NICs 2-3 on node 1) the plain mapping 0,0,1,1,2,2,3,3 is already NUMA-local, so preferring local
-// devices must not change it. Disabled: the code maps the *global* GPU index over the local pool
-// (DeviceForGpu(gpu, num_gpus, local.size())), so GPUs 0-3 all get NIC 0 and GPUs 4-7 all get
-// NIC 3, and NICs 1 and 2 are never used.
+// devices must not change it, and every NIC stays in use.
 TEST(RdmaSelectDevice, NumaPreferenceKeepsAllLocalDevicesInUse) {
   FakeSysfs sys;
   for (int i = 0; i < 4; ++i) {
@@ -768,6 +768,114 @@ TEST(RdmaSelectDevice, NumaPreferenceKeepsAllLocalDevicesInUse) {
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     EXPECT_EQ(r->device, "mlx5_" + std::to_string(gpu / 2)) << "GPU " << gpu << ": " << r->reason;
   }
+}
+
+// ---- ValidateRdmaOptions / OpenDevice ----
+
+/// KVPOOL_RDMA_PROVIDER set (or unset) for one test.
+class ProviderEnv {
+ public:
+  explicit ProviderEnv(const char* value) {
+    if (const char* old = std::getenv("KVPOOL_RDMA_PROVIDER")) old_ = old;
+    if (value != nullptr) {
+      setenv("KVPOOL_RDMA_PROVIDER", value, 1);
+    } else {
+      unsetenv("KVPOOL_RDMA_PROVIDER");
+    }
+  }
+  ~ProviderEnv() {
+    if (old_) {
+      setenv("KVPOOL_RDMA_PROVIDER", old_->c_str(), 1);
+    } else {
+      unsetenv("KVPOOL_RDMA_PROVIDER");
+    }
+  }
+
+ private:
+  std::optional<std::string> old_;
+};
+
+// Rule: every bad setting is refused by name before any device is looked at.
+TEST(RdmaValidateOptions, NamesTheBadSetting) {
+  EXPECT_TRUE(ValidateRdmaOptions(RdmaOptions{}).ok());
+  RdmaOptions o;
+  o.devices = "mlx5_1:6,,mlx5_2";
+  EXPECT_TRUE(Contains(ValidateRdmaOptions(o), "empty entry"));
+  o = {};
+  o.link_type = "fddi";
+  EXPECT_TRUE(Contains(ValidateRdmaOptions(o), "fddi"));
+  o = {};
+  o.port = 0;
+  EXPECT_TRUE(Contains(ValidateRdmaOptions(o), "port 0"));
+  o = {};
+  o.gpu = 2;  // bound to a GPU, but how many are there?
+  EXPECT_EQ(ValidateRdmaOptions(o).code(), ErrorCode::kInvalidArgument);
+  o.num_gpus = 2;
+  EXPECT_TRUE(Contains(ValidateRdmaOptions(o), "2"));
+  o.num_gpus = 4;
+  EXPECT_TRUE(ValidateRdmaOptions(o).ok());
+  o.gpu = -2;
+  EXPECT_TRUE(Contains(ValidateRdmaOptions(o), "-2"));
+}
+
+// Rule: no device is Unsupported (the caller serves or uses TCP), saying so.
+TEST(RdmaOpenDevice, NoDeviceIsUnsupported) {
+  ProviderEnv env(nullptr);
+  FakeSysfs empty;
+  auto r = OpenDevice(RdmaOptions{}, empty.root() + "/absent");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kUnsupported);
+  EXPECT_TRUE(Contains(r.status(), "no RDMA devices")) << r.status().ToString();
+}
+
+// Rule: a device that sysfs lists is handed to the libibverbs provider; here libibverbs has no
+// such device (no kernel RDMA), and the answer is Unsupported naming it, never a crash.
+TEST(RdmaOpenDevice, SelectedDeviceGoesToLibibverbs) {
+  ProviderEnv env("ibverbs");
+  FakeSysfs sys;
+  sys.Device("mlx5_0");
+  sys.RocePort("mlx5_0");
+  RdmaOptions o;
+  o.devices = "mlx5_0:3";
+  auto r = OpenDevice(o, sys.root());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kUnsupported) << r.status().ToString();
+  EXPECT_TRUE(Contains(r.status(), "mlx5_0")) << r.status().ToString();
+}
+
+// Rule: a listed device this machine lacks is InvalidArgument naming it (a misconfiguration).
+TEST(RdmaOpenDevice, ListedDeviceMissingNamesIt) {
+  ProviderEnv env(nullptr);
+  FakeSysfs sys;
+  sys.Device("mlx5_0");
+  sys.RocePort("mlx5_0");
+  RdmaOptions o;
+  o.devices = "mlx5_9";
+  auto r = OpenDevice(o, sys.root());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(r.status(), "mlx5_9") && Contains(r.status(), "mlx5_0"))
+      << r.status().ToString();
+}
+
+// Rule: an unknown provider is named; the software provider opens with any valid selection
+// but still refuses an invalid one.
+TEST(RdmaOpenDevice, Providers) {
+  {
+    ProviderEnv env("bogus");
+    auto r = OpenDevice(RdmaOptions{});
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), ErrorCode::kUnsupported);
+    EXPECT_TRUE(Contains(r.status(), "'bogus'")) << r.status().ToString();
+  }
+  ProviderEnv env("soft");
+  RdmaOptions o;
+  o.devices = "mlx5_1:6,mlx5_2:7";
+  auto soft = OpenDevice(o);
+  ASSERT_TRUE(soft.ok()) << soft.status().ToString();
+  EXPECT_TRUE(soft.value()->software());
+  o.devices = "mlx5_1:300";
+  EXPECT_EQ(OpenDevice(o).status().code(), ErrorCode::kInvalidArgument);
 }
 
 }  // namespace

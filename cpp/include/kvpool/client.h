@@ -48,6 +48,8 @@ struct ClientOptions {
   /// process (a Cluster does) so that one staging buffer is zero-copy to every same-host node.
   std::shared_ptr<StagingArena> arena;
   size_t arena_bytes = size_t{64} << 20;
+  /// RDMA device selection (read when the client first uses RDMA).
+  RdmaOptions rdma;
 };
 
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,

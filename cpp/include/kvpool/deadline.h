@@ -15,6 +15,7 @@ class Deadline {
   /// Milliseconds left for poll(): -1 for never, 0 once passed.
   int PollTimeoutMs() const;
   bool never() const { return at_ == Clock::time_point::max(); }
+  bool passed() const { return !never() && Clock::now() >= at_; }
 
  private:
   explicit Deadline(Clock::time_point at) : at_(at) {}

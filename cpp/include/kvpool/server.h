@@ -44,6 +44,8 @@ struct ServerOptions {
   std::vector<uint32_t> shm_allow_uids, shm_allow_gids;
   /// Largest arena one connection may map, and all connections together (address space).
   uint64_t shm_max_arena_bytes = uint64_t{64} << 30;
+  /// RDMA device selection (read only when "rdma" is served and a provider opens).
+  RdmaOptions rdma;
   uint64_t shm_max_mapped_bytes = uint64_t{1} << 40;
 };
 

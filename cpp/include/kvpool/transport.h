@@ -32,6 +32,23 @@ Result<TransportKind> ParseTransportKind(std::string_view name);
 /// under one running kernel, which is what passing a memfd needs), else the host name.
 const std::string& LocalHostId();
 
+/// Which RDMA device, port and GID a process uses (the seed's settings): nodes and clients take
+/// the same ones. Only the libibverbs provider reads them; the software provider stands in for
+/// one device of its own.
+struct RdmaOptions {
+  /// "name[:gid_index],..." (e.g. "mlx5_1:6,mlx5_2:7"); empty: every device found.
+  std::string devices;
+  /// "IB" (LID routing) or "Ethernet" (RoCE v2: a GRH on the chosen GID).
+  std::string link_type = "Ethernet";
+  int port = 1;       ///< the device port, from 1
+  int gpu = -1;       ///< the GPU this process is bound to (GPU i of n takes device i*ndev/n)
+  int num_gpus = 0;   ///< GPUs on this host, for that mapping
+  int gpu_numa = -1;  ///< the GPU's NUMA node when known: devices on it are preferred
+};
+
+/// InvalidArgument naming the bad part of a device list, link type, port or GPU binding.
+Status ValidateRdmaOptions(const RdmaOptions& options);
+
 /// A run of the client's registered staging arena as the node addresses it (shared memory: an
 /// offset into the mapped arena). addr == protocol::kInline: the payload rides on the stream.
 struct PeerBuffer {

@@ -250,6 +250,17 @@ def load_config(vllm_config: VllmConfig) -> ConnectorConfig:
     return config
 
 
+def _rdma_gpu(vllm_config: VllmConfig, configured: int, role: KVConnectorRole) -> int:
+    """The GPU whose nearest RDMA device a worker uses: ``rdma_gpu`` when set, else the
+    worker's own CUDA device on a GPU engine; none for the scheduler and on CPU."""
+    if configured >= 0 or role == KVConnectorRole.SCHEDULER:
+        return configured
+    device = getattr(vllm_config.device_config, "device_type", "cpu")
+    if device != "cuda" or not torch.cuda.is_available():
+        return -1
+    return int(torch.cuda.current_device())
+
+
 # -- the connector -------------------------------------------------------------------------------
 
 
@@ -338,6 +349,10 @@ class KVPoolConnector(KVConnectorBase_V1):
             replicas=self.config.replicas,
             transport=self.config.transport,
             arena=arena,
+            rdma_devices=self.config.rdma_devices,
+            rdma_link_type=self.config.rdma_link_type,
+            rdma_port=self.config.rdma_port,
+            rdma_gpu=_rdma_gpu(vllm_config, self.config.rdma_gpu, role),
         )
         self._stats = KVPoolConnectorStats()  # since vLLM last asked
         self.totals = KVPoolConnectorStats()  # since start (never reset)

@@ -32,19 +32,24 @@ Status RdmaLink::Run(std::vector<rdma::WorkRequest>& wrs) {
   return Status::Ok();
 }
 
+void RdmaLink::Add(rdma::Opcode opcode, size_t index, const void* pool_bytes, uint64_t length,
+                   uint64_t arena_offset) {
+  rdma::WorkRequest wr;
+  wr.wr_id = index;
+  wr.opcode = opcode;
+  wr.local_addr = reinterpret_cast<uint64_t>(pool_bytes);
+  wr.lkey = pool_.lkey;
+  wr.length = length;
+  wr.remote_addr = arena_.addr + arena_offset;
+  wr.rkey = arena_.rkey;
+  wrs_.push_back(wr);
+}
+
 Status RdmaLink::ReadPeer(std::span<const PeerBuffer> from, std::span<const MutableBuffer> into) {
   wrs_.clear();
   for (size_t i = 0; i < from.size(); ++i) {
     if (!from[i].described() || into[i].data == nullptr || from[i].size == 0) continue;
-    rdma::WorkRequest wr;
-    wr.wr_id = i;
-    wr.opcode = rdma::Opcode::kRead;
-    wr.local_addr = reinterpret_cast<uint64_t>(into[i].data);
-    wr.lkey = pool_.lkey;
-    wr.length = from[i].size;
-    wr.remote_addr = arena_.addr + from[i].addr;
-    wr.rkey = arena_.rkey;
-    wrs_.push_back(wr);
+    Add(rdma::Opcode::kRead, i, into[i].data, from[i].size, from[i].addr);
   }
   return Run(wrs_);
 }
@@ -56,15 +61,7 @@ Status RdmaLink::WritePeer(std::span<const ConstBuffer> blocks, std::span<const 
         blocks[i].size == 0) {
       continue;
     }
-    rdma::WorkRequest wr;
-    wr.wr_id = i;
-    wr.opcode = rdma::Opcode::kWrite;
-    wr.local_addr = reinterpret_cast<uint64_t>(blocks[i].data);
-    wr.lkey = pool_.lkey;
-    wr.length = blocks[i].size;
-    wr.remote_addr = arena_.addr + to[i].addr;
-    wr.rkey = arena_.rkey;
-    wrs_.push_back(wr);
+    Add(rdma::Opcode::kWrite, i, blocks[i].data, blocks[i].size, to[i].addr);
   }
   return Run(wrs_);
 }

@@ -32,6 +32,9 @@ class RdmaLink final : public Link {
   /// Posts `wrs` in windows of the QP's bound, signalling the last of each window, and waits
   /// for every completion. The first error fails the whole batch.
   Status Run(std::vector<rdma::WorkRequest>& wrs);
+  /// Queues one transfer between pool bytes and the arena run at `arena_offset`.
+  void Add(rdma::Opcode opcode, size_t index, const void* pool_bytes, uint64_t length,
+           uint64_t arena_offset);
 
   std::unique_ptr<rdma::QueuePair> qp_;
   rdma::MemoryRegion pool_, arena_;

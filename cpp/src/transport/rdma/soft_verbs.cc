@@ -17,42 +17,6 @@
 
 namespace kvpool::rdma {
 
-const char* QpStateName(QpState state) {
-  switch (state) {
-    case QpState::kReset:
-      return "RESET";
-    case QpState::kInit:
-      return "INIT";
-    case QpState::kRtr:
-      return "RTR";
-    case QpState::kRts:
-      return "RTS";
-    case QpState::kError:
-      return "ERROR";
-  }
-  return "?";
-}
-
-const char* WcStatusName(WcStatus status) {
-  switch (status) {
-    case WcStatus::kSuccess:
-      return "success";
-    case WcStatus::kLocalLength:
-      return "local length error";
-    case WcStatus::kLocalProtection:
-      return "local protection error";
-    case WcStatus::kRemoteAccess:
-      return "remote access error";
-    case WcStatus::kRetryExceeded:
-      return "transport retry counter exceeded";
-    case WcStatus::kFlushed:
-      return "work request flushed";
-    case WcStatus::kGeneral:
-      return "general error";
-  }
-  return "?";
-}
-
 namespace {
 
 constexpr uint64_t kTableMagic = 0x4b56504f4f4c5254;  // "TRLOOPVK"
@@ -213,6 +177,7 @@ class SoftQp final : public QueuePair {
 class SoftDevice final : public Device {
  public:
   const std::string& name() const override { return name_; }
+  const std::string& description() const override { return description_; }
   bool software() const override { return true; }
 
   Result<MemoryRegion> Register(void* addr, size_t length, uint32_t access) override {
@@ -249,6 +214,7 @@ class SoftDevice final : public Device {
 
  private:
   std::string name_ = "soft0";
+  std::string description_ = "soft0 (the software provider: peers on this host only)";
 };
 
 }  // namespace
@@ -259,41 +225,6 @@ Result<std::unique_ptr<Device>> OpenSoftDevice() {
   // NIC would. Without Yama this changes nothing.
   prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
   return std::unique_ptr<Device>(new SoftDevice());
-}
-
-Result<std::unique_ptr<Device>> OpenDevice() {
-  const char* provider = std::getenv("KVPOOL_RDMA_PROVIDER");
-  if (provider != nullptr && std::string_view(provider) == "soft") return OpenSoftDevice();
-  return Status(
-      ErrorCode::kUnsupported,
-      std::string("no RDMA provider") +
-          (provider != nullptr && *provider ? " named '" + std::string(provider) + "'" : "") +
-          ": the libibverbs provider is not wired to the transport yet; "
-          "KVPOOL_RDMA_PROVIDER=soft runs the software provider (same host only)");
-}
-
-std::string EncodeQpAddress(const QpAddress& a) {
-  std::string out(kQpAddressBytes, '\0');
-  char* p = out.data();
-  std::memcpy(p, &a.qp_num, 4);
-  std::memcpy(p + 4, &a.psn, 4);
-  std::memcpy(p + 8, &a.lid, 2);
-  std::memcpy(p + 10, a.gid.data(), 16);
-  std::memcpy(p + 26, &a.soft_pid, 8);
-  std::memcpy(p + 34, &a.soft_table, 8);
-  return out;
-}
-
-bool DecodeQpAddress(std::string_view bytes, QpAddress* a) {
-  if (bytes.size() < kQpAddressBytes) return false;
-  const char* p = bytes.data();
-  std::memcpy(&a->qp_num, p, 4);
-  std::memcpy(&a->psn, p + 4, 4);
-  std::memcpy(&a->lid, p + 8, 2);
-  std::memcpy(a->gid.data(), p + 10, 16);
-  std::memcpy(&a->soft_pid, p + 26, 8);
-  std::memcpy(&a->soft_table, p + 34, 8);
-  return true;
 }
 
 }  // namespace kvpool::rdma

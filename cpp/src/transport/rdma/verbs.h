@@ -17,6 +17,7 @@
 
 #include "kvpool/deadline.h"
 #include "kvpool/status.h"
+#include "kvpool/transport.h"
 
 namespace kvpool::rdma {
 
@@ -102,6 +103,8 @@ class Device {
  public:
   virtual ~Device() = default;
   virtual const std::string& name() const = 0;
+  /// One line for the log: the device, port and GID chosen, and why.
+  virtual const std::string& description() const = 0;
   virtual bool software() const = 0;
   /// Registers [addr, addr + length) with `access` (Access bits). The node registers its pool
   /// with kLocalWrite only; a client its arena with remote read and write.
@@ -117,8 +120,12 @@ class Device {
 Result<std::unique_ptr<Device>> OpenSoftDevice();
 
 /// The device this process uses: the software provider when KVPOOL_RDMA_PROVIDER=soft, else
-/// Unsupported naming why (the libibverbs provider is not wired to the transport yet).
-Result<std::unique_ptr<Device>> OpenDevice();
+/// the libibverbs device `options` select among those under `sysfs_root`. Unsupported naming
+/// why when there is none (no rdma-core, no device: the caller serves or uses TCP);
+/// InvalidArgument when the options ask for what this machine lacks (a listed device that is
+/// not here, a port that is down, a GID index it does not have).
+Result<std::unique_ptr<Device>> OpenDevice(const RdmaOptions& options,
+                                           const std::string& sysfs_root = "/sys/class/infiniband");
 
 /// QP address and arena region as they travel in HELLO's transport extension (little-endian):
 /// u32 qp_num, u32 psn, u16 lid, gid[16], u64 soft_pid, u64 soft_table; the offer adds
