@@ -275,7 +275,7 @@ class ServerConfig(_Settings):
                 ids = [-1]
             if any(not 0 <= i < 1 << 32 for i in ids):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not a comma list of ids")
-        self.rdma().check(error=ConfigError)
+        self.rdma().check(ConfigError)
 
     def rdma(self) -> RdmaSettings:
         return RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port)
@@ -341,6 +341,12 @@ class ConnectorConfig(_Settings):
                 value = kinds[value.strip().upper()]
             out[key] = value
             log.info("%s read as %s = %r", var, key, value)
+        names = {"devices": prefix + "VISIBLE_DEV_LIST", "link_type": prefix + "LINK_TYPE"}
+        defaults = RdmaSettings()
+        RdmaSettings(
+            out.get("rdma_devices", defaults.devices),
+            out.get("rdma_link_type", defaults.link_type),
+        ).check(ConfigError, names)
         return out
 
     def validate(self) -> None:
@@ -352,5 +358,5 @@ class ConnectorConfig(_Settings):
         if self.replicas < 0:
             raise ConfigError(f"replicas must be >= 0, got {self.replicas}")
         RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port, self.rdma_gpu).check(
-            error=ConfigError
+            ConfigError
         )

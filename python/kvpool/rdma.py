@@ -2,17 +2,18 @@
 ``mlx5_1:6,mlx5_2:7``), a link type (``IB``: LID routing; ``Ethernet``: RoCE v2 with a GRH on the
 chosen GID), a port, and the GPU a process is bound to (GPU i of n uses device i*ndev/n, devices
 on the GPU's NUMA node preferred). Nodes, :class:`kvpool.Client`, :class:`kvpool.Cluster` and
-the vLLM connector take the same four settings; the core checks and applies them."""
+the vLLM connector take the same four settings; the core checks and applies them (imported on
+use: ``kvpool.config`` imports this module and must load when the extension does not)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpool import _core
 from kvpool.errors import InvalidArgumentError, KVPoolError
 
 LINK_TYPES = ("IB", "Ethernet")
@@ -29,9 +30,14 @@ class RdmaSettings:
     gpu: int = -1  #: the CUDA device this process is bound to; -1: none
 
     def check(
-        self, prefix: str = "rdma_", error: type[InvalidArgumentError] = InvalidArgumentError
+        self,
+        error: type[InvalidArgumentError] = InvalidArgumentError,
+        names: Mapping[str, str] | None = None,
     ) -> None:
-        """Raises ``error`` naming the first bad setting (as ``<prefix><name>``)."""
+        """Raises ``error`` naming the first bad setting: ``rdma_<field>``, or ``names[field]``
+        where the value came from elsewhere (a variable of the seed's)."""
+        from kvpool import _core
+
         fields: tuple[tuple[str, str | int], ...] = (
             ("devices", self.devices),
             ("link_type", self.link_type),
@@ -46,10 +52,13 @@ class RdmaSettings:
             try:
                 one.validate()
             except KVPoolError as e:
-                raise error(f"{prefix}{name} = {value!r}: {e}") from None
+                shown = (names or {}).get(name, f"rdma_{name}")
+                raise error(f"{shown} = {value!r}: {e}") from None
 
     def options(self) -> Any:
         """The core's options, with the GPU binding resolved (GPU count and NUMA node)."""
+        from kvpool import _core
+
         self.check()
         o = _core.RdmaOptions()
         o.devices, o.link_type, o.port, o.gpu = self.devices, self.link_type, self.port, self.gpu

@@ -473,7 +473,8 @@ def cluster_name(prefix: str = "t") -> str:
 @pytest.fixture
 def start_cluster_node(start_node: ServerFactory) -> ServerFactory:
     """Factory for ``kvpool server`` nodes that join a cluster:
-    ``start_cluster_node(redis_url, cluster, memory="64MiB", lease_ttl=1.0, port=0, extra=[...])``.
+    ``start_cluster_node(redis_url, cluster, memory="64MiB", lease_ttl=1.0, port=0, extra=[...],
+    env={...})``.
     Same teardown as ``start_node`` (nodes still running are SIGTERMed and must exit 0)."""
 
     def start(
@@ -486,10 +487,11 @@ def start_cluster_node(start_node: ServerFactory) -> ServerFactory:
         eviction: str | None = None,
         extra: Sequence[str] = (),
         wait: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> ServerProcess:
         args = ["--redis", redis_url, "--cluster", cluster, "--lease-ttl", str(lease_ttl)]
         return start_node(
-            memory=memory, eviction=eviction, port=port, wait=wait, extra=[*args, *extra]
+            memory=memory, eviction=eviction, port=port, wait=wait, extra=[*args, *extra], env=env
         )
 
     return start

@@ -49,3 +49,54 @@ def test_unknown_keys_and_bad_values_name_themselves() -> None:
         load({"redis_url": "http://h"})
     with pytest.raises(ConfigError, match="environment: timeout = 'soon'"):
         load(env={"KVPOOL_TIMEOUT": "soon"})
+
+
+def test_rdma_settings_are_checked_by_name() -> None:
+    c = load({"rdma_devices": "mlx5_1:6,mlx5_2:7", "rdma_link_type": "IB", "rdma_port": 2})
+    assert (c.rdma_devices, c.rdma_link_type, c.rdma_port, c.rdma_gpu) == (
+        "mlx5_1:6,mlx5_2:7",
+        "IB",
+        2,
+        -1,
+    )
+    with pytest.raises(ConfigError, match="rdma_devices = 'mlx5_1:6,,mlx5_2'.*empty entry"):
+        load({"rdma_devices": "mlx5_1:6,,mlx5_2"})
+    with pytest.raises(ConfigError, match="rdma_devices = 'mlx5_1:300'.*'300'"):
+        load({"rdma_devices": "mlx5_1:300"})
+    with pytest.raises(ConfigError, match="rdma_link_type = 'fddi'"):
+        load({"rdma_link_type": "fddi"})
+    with pytest.raises(ConfigError, match="rdma_port = 0"):
+        load({"rdma_port": 0})
+    with pytest.raises(ConfigError, match="rdma_gpu = -2"):
+        load({"rdma_gpu": -2})
+
+
+AIBRIX = "AIBRIX_KV_CACHE_OL_INFINISTORE_"
+
+
+def test_the_seeds_infinistore_variables_map_below_kvpools_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed = {
+        AIBRIX + "CONNECTION_TYPE": "RDMA",
+        AIBRIX + "LINK_TYPE": "IB",
+        AIBRIX + "VISIBLE_DEV_LIST": "mlx5_1:6,mlx5_2:7",
+        AIBRIX + "HOST_ADDR": "10.0.0.1",  # an InfiniStore server: kvpool finds nodes in Redis
+    }
+    with caplog.at_level("INFO", logger="kvpool.config"):
+        c = load(env=seed)
+    # RDMA where nodes offer it, with TCP fallback (the seed had none).
+    assert (c.transport, c.rdma_link_type, c.rdma_devices) == ("auto", "IB", "mlx5_1:6,mlx5_2:7")
+    logged = caplog.text
+    assert f"{AIBRIX}VISIBLE_DEV_LIST read as rdma_devices = 'mlx5_1:6,mlx5_2:7'" in logged
+    assert f"{AIBRIX}HOST_ADDR ignored" in logged
+    # kvpool's own settings win: a TOML file, KVPOOL_* and extra_config.
+    toml = tmp_path / "kvpool.toml"
+    toml.write_text('[connector]\nrdma_link_type = "Ethernet"\n')
+    c = load({"transport": "tcp"}, env={**seed, "KVPOOL_RDMA_DEVICES": "mlx5_0"}, file=toml)
+    assert (c.transport, c.rdma_link_type, c.rdma_devices) == ("tcp", "Ethernet", "mlx5_0")
+    assert load(env={AIBRIX + "CONNECTION_TYPE": "tcp"}).transport == "tcp"
+    with pytest.raises(ConfigError, match=f"{AIBRIX}CONNECTION_TYPE = 'UDP', expected RDMA or TCP"):
+        load(env={AIBRIX + "CONNECTION_TYPE": "UDP"})
+    with pytest.raises(ConfigError, match=f"{AIBRIX}LINK_TYPE = 'token-ring': link type must"):
+        load(env={AIBRIX + "LINK_TYPE": "token-ring"})

@@ -14,7 +14,15 @@ import time
 import kvpool
 import numpy as np
 import pytest
-from conftest import ServerFactory, ServerProcess, child_env, random_keys, wait_until
+from conftest import (
+    RedisProcess,
+    ServerFactory,
+    ServerProcess,
+    child_env,
+    cluster_name,
+    random_keys,
+    wait_until,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -93,7 +101,7 @@ def test_rdma_is_refused_clearly_where_it_cannot_work(
     assert "rdma" not in kvpool.Client(plain.address, transport="tcp").stats()["transports"]
     rdma = start_node(env=SOFT)
     monkeypatch.delenv("KVPOOL_RDMA_PROVIDER")  # the client has no provider
-    with pytest.raises(kvpool.KVPoolError, match="KVPOOL_RDMA_PROVIDER=soft"):
+    with pytest.raises(kvpool.KVPoolError, match="no RDMA devices.*KVPOOL_RDMA_PROVIDER=soft"):
         kvpool.Client(rdma.address, transport="rdma")
 
 
@@ -202,3 +210,53 @@ def test_failed_rdma_requests_fail_the_call_and_the_next_call_reconnects(
                     continue
                 for k, o, f in zip(keys, outs, found, strict=False):
                     assert f and bytes(o) == written[k]
+
+
+def test_qp_errors_in_a_cluster_are_misses_and_failed_puts_never_wrong_bytes(
+    redis_server: RedisProcess, start_cluster_node: ServerFactory, soft: None
+) -> None:
+    """Through kvpool.Cluster: the node's provider fails every 9th READ/WRITE. A call whose QP
+    went to the error state (and whose one retry failed too) reads as misses or unstored keys,
+    never as an exception; put's count matches what the node holds; the next calls reconnect
+    over RDMA; nothing stays reserved or pinned."""
+    name = cluster_name()
+    node = start_cluster_node(
+        redis_server.url,
+        name,
+        memory="128MiB",
+        env={**SOFT, "KVPOOL_RDMA_SOFT_FAIL_EVERY": "9"},
+    )
+    with kvpool.Cluster(redis_server.url, name, transport="rdma", timeout=5.0) as cluster:
+        wait_until(lambda: len(cluster.members()) == 1, what="the node joined")
+        written: dict[bytes, bytes] = {}
+        stored = 0
+        seen: set[str] = set()
+        for _ in range(30):
+            keys = random_keys(4)
+            bufs = [cluster.staging_buffer(16 * KiB) for _ in keys]
+            for b in bufs:
+                b[:] = os.urandom(len(b))
+            stored += cluster.put(keys, bufs)  # never raises: a failed node is unstored keys
+            written.update({k: bytes(b) for k, b in zip(keys, bufs, strict=True)})
+            seen.update(cluster.transports().values())  # empty while the node is suspect
+            time.sleep(0.05)  # past a failed node's suspicion window now and then
+        assert seen == {"rdma"}  # reconnected over RDMA each time, never fell back to TCP
+        with kvpool.Client(node.address, transport="tcp") as check:
+            held = check.get(list(written))
+            assert [h for h in held if h is not None] == [
+                written[k] for k, h in zip(written, held, strict=True) if h is not None
+            ]
+            assert sum(h is not None for h in held) == stored  # put told the truth
+            s = check.stats()
+            assert s["reserved_bytes"] == 0 and s["pinned_bytes"] == 0
+            faults = s["transports"]["rdma"]["accepted"] - 1
+            assert faults >= 5, s["transports"]  # ~120 WRs at one in 9: the faults happened
+        hits = misses = 0
+        for _ in range(20):
+            keys = list(written)[:8]
+            for k, got in zip(keys, cluster.get(keys), strict=True):
+                assert got is None or got == written[k]
+                hits += got is not None
+                misses += got is None
+            time.sleep(0.05)
+        assert hits > misses  # faults cost some reads, reconnecting brought the rest back

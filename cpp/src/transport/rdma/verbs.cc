@@ -84,7 +84,16 @@ Result<std::unique_ptr<Device>> OpenDevice(const RdmaOptions& options,
   select.gpu = options.gpu;
   select.num_gpus = options.num_gpus;
   select.gpu_numa = options.gpu_numa;
-  auto chosen = SelectDevice(DiscoverDevices(sysfs_root), select);
+  const std::vector<DeviceInfo> found = DiscoverDevices(sysfs_root);
+  if (found.empty()) {
+    return Status(
+        ErrorCode::kUnsupported,
+        (options.devices.empty() ? std::string()
+                                 : "RDMA devices '" + options.devices + "' asked for, but ") +
+            "no RDMA devices on this machine (none under " + sysfs_root +
+            "; KVPOOL_RDMA_PROVIDER=soft runs the software provider, same host only)");
+  }
+  auto chosen = SelectDevice(found, select);
   if (!chosen.ok()) return chosen.status();
   return OpenVerbsDevice(chosen.value());
 }
