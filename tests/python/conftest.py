@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -244,6 +247,110 @@ def wait_until(
         time.sleep(interval)
 
 
+def assert_nothing_held(client: kvpool.Client) -> dict[str, Any]:
+    """No reservation or pin is left behind (waits for the node to notice dead peers); returns
+    the node's stats from then."""
+    stats: dict[str, Any] = wait_until(
+        lambda: (s := client.stats())["reserved_bytes"] == 0 and s["pinned_bytes"] == 0 and s,
+        what="reservations and pins released",
+    )
+    return stats
+
+
+# A client killed mid-call (test_transports.py): the node must let go of everything it held.
+
+_CALL_LOOP = textwrap.dedent(
+    """
+    import os, sys, kvpool
+    address, transport, op = sys.argv[1], sys.argv[2], sys.argv[3]
+    c = kvpool.Client(address, transport=transport, timeout=60)
+    assert c.transport == transport, c.transport
+    size, n = 1 << 20, 32
+    # Half the blocks in the arena (moved by the node on shm and rdma, inline on tcp), half in
+    # ordinary memory (inline on the socket on every transport, so the node waits on this
+    # process mid-frame: where a kill must leave nothing).
+    staged = [c.staging_buffer(size) for _ in range(n // 2)]
+    for b in staged:
+        b[:] = os.urandom(size)
+    plain = [bytearray(os.urandom(size)) for _ in range(n // 2)]
+    bufs = [b for pair in zip(staged, plain) for b in pair]
+    keys = [os.urandom(16) for _ in range(n)]
+    assert c.put(keys, bufs) == n
+    print("ready", flush=True)
+    while True:
+        if op == "put":
+            fresh = [os.urandom(16) for _ in range(n)]  # new keys: every PUT reserves
+            c.put(fresh, bufs)
+            c.delete(fresh)  # the pool never fills, so nothing of the test's is ever evicted
+        else:
+            c.get_into(keys, bufs)
+    """
+)
+_BUSY = {"put": "reserved_bytes", "get": "pinned_bytes"}
+
+
+def kill_client_mid_call(
+    address: str,
+    observer: kvpool.Client,
+    op: str,
+    transport: str,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Kills a client process in the middle of a call and waits for the node to let go of it.
+
+    A child (environment ``child_env(env)``) connects to the node at ``address`` over
+    ``transport`` and loops ``op``: "put" (32 blocks of 1 MiB under fresh keys) or "get" (the 32
+    it stored first). It is frozen (SIGSTOP) until ``observer`` sees the node holding
+    reservations (put: waiting for inline payloads) or pins (get: blocked sending to it), with
+    the child's connection open on ``transport``; then SIGKILLed, and always reaped. Returns the
+    node's stats once no reservation or pin is left and the node has dropped the child's
+    connections (those of ``transport`` are back to the count before the child: the observer's
+    own, none on another transport)."""
+    busy = _BUSY[op]
+    before = observer.stats()["transports"][transport]["connections"]
+    assert before == (1 if observer.transport == transport else 0), before
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CALL_LOOP, address, transport, op],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=child_env(env),
+        )
+
+        def child_stderr() -> str:
+            err.seek(0)
+            return err.read().decode(errors="replace")
+
+        try:
+            assert child.stdout is not None
+            ready, _, _ = select.select([child.stdout], [], [], START_TIMEOUT_S)
+            line = child.stdout.readline() if ready else b"(nothing)"
+            assert line.strip() == b"ready", f"child said {line!r}; stderr:\n{child_stderr()}"
+            # Freeze the child until it is caught mid-call; the kill lands while the node holds.
+            for _ in range(2000):
+                child.send_signal(signal.SIGSTOP)
+                time.sleep(0.02)  # let the node reach the point where it waits on the child
+                if observer.stats()[busy] > 0:
+                    break
+                child.send_signal(signal.SIGCONT)
+                time.sleep(0.003)
+            caught = observer.stats()
+            assert caught[busy] > 0, f"never caught the child mid-{op}; stderr:\n{child_stderr()}"
+            assert caught["transports"][transport]["connections"] > before, caught["transports"]
+        finally:
+            child.kill()
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+    released = assert_nothing_held(observer)
+    wait_until(
+        lambda: observer.stats()["transports"][transport]["connections"] == before,
+        what=f"the node to drop the dead client's {transport} connections",
+    )
+    return released
+
+
 free_port = kvpool.local.free_port
 
 
@@ -310,7 +417,7 @@ class RawConnection:
         assert frame is not None, "node closed the connection on HELLO"
         fields, body = frame
         assert fields[0] == MAGIC and fields[1] == OP_HELLO and fields[2] == 0, fields
-        return struct.unpack("<IIQQ", body)  # type: ignore[return-value]
+        return struct.unpack("<IIQQ", body)
 
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
         """True when the node closes the connection within ``timeout`` s (any data it still

@@ -31,10 +31,11 @@ from conftest import (
     RawConnection,
     ServerFactory,
     ServerProcess,
+    assert_nothing_held,
     child_env,
     header,
+    kill_client_mid_call,
     random_keys,
-    wait_until,
 )
 
 KiB = 1 << 10
@@ -131,14 +132,6 @@ def shm_path(node: ServerProcess) -> str:
         path = c.stats()["shm_socket"]
     assert path, "the node serves no shared-memory socket"
     return str(path)
-
-
-def assert_nothing_held(client: kvpool.Client) -> dict[str, object]:
-    """No reservation or pin is left behind (waits for the node to notice dead peers)."""
-    return wait_until(
-        lambda: (s := client.stats())["reserved_bytes"] == 0 and s["pinned_bytes"] == 0 and s,
-        what="reservations and pins released",
-    )
 
 
 # --- Choosing a transport --------------------------------------------------------------------
@@ -327,70 +320,36 @@ def test_tcp_and_shm_clients_mixed_on_one_node(shm_node: ServerProcess) -> None:
 
 # --- Clients that die or lie -------------------------------------------------------------------
 
-_SHM_LOOP = textwrap.dedent(
-    """
-    import os, sys, kvpool
-    address, op = sys.argv[1], sys.argv[2]
-    c = kvpool.Client(address, transport="shm", timeout=60)
-    size, n = 1 << 20, 32
-    # Half the blocks in the arena (copied by the node), half in ordinary memory (inline on the
-    # socket, so the node waits on this process mid-frame: where a kill must leave nothing).
-    staged = [c.staging_buffer(size) for _ in range(n // 2)]
-    for b in staged:
-        b[:] = os.urandom(size)
-    plain = [bytearray(os.urandom(size)) for _ in range(n // 2)]
-    bufs = [b for pair in zip(staged, plain) for b in pair]
-    keys = [os.urandom(16) for _ in range(n)]
-    c.put(keys, bufs)
-    print("ready", flush=True)
-    while True:
-        if op == "put":
-            c.put([os.urandom(16) for _ in range(n)], bufs)
-        else:
-            c.get_into(keys, bufs)
-    """
-)
+# The environment of the node, the killed child and this process, per transport: RDMA runs on
+# the software verbs provider (see test_rdma_soft.py).
+KILL_ENV: dict[str, dict[str, str]] = {
+    "tcp": {},
+    "shm": {},
+    "rdma": {"KVPOOL_RDMA_PROVIDER": "soft"},
+}
 
 
 @pytest.mark.parametrize("op", ["put", "get"])
-def test_client_killed_mid_call_leaves_nothing_held(start_node: ServerFactory, op: str) -> None:
-    node = start_node(memory="256MiB")
+@pytest.mark.parametrize("transport", ["tcp", "shm", "rdma"])
+def test_client_killed_mid_call_leaves_nothing_held(
+    start_node: ServerFactory, monkeypatch: pytest.MonkeyPatch, transport: str, op: str
+) -> None:
+    """A client SIGKILLed while the node holds reservations (PUT) or pins (GET) for it: the node
+    releases them all, drops its connections, keeps every earlier block intact and serves new
+    clients of that transport."""
+    env = KILL_ENV[transport]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # for the client of this process that reconnects
+    node = start_node(memory="256MiB", env=env)
     with kvpool.Client(node.address, transport="tcp") as observer:
         keep = random_keys(4)
         blocks = [os.urandom(100 * KiB) for _ in keep]
         assert observer.put(keep, blocks) == 4
-        child = subprocess.Popen(
-            [sys.executable, "-c", _SHM_LOOP, node.address, op],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env(),
-        )
-        busy = "reserved_bytes" if op == "put" else "pinned_bytes"
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline().strip() == b"ready", child.communicate()[1]
-            # Freeze the child until it is caught mid-call: the node then holds reservations
-            # (PUT: waiting for inline payloads) or pins (GET: blocked sending to it). The kill
-            # lands while they are held.
-            for _ in range(2000):
-                child.send_signal(signal.SIGSTOP)
-                time.sleep(0.02)  # let the node reach the point where it waits on the child
-                if observer.stats()[busy] > 0:
-                    break
-                child.send_signal(signal.SIGCONT)
-                time.sleep(0.003)
-            assert observer.stats()[busy] > 0, f"never caught the child mid-{op}"
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-        stats = assert_nothing_held(observer)
-        wait_until(
-            lambda: observer.stats()["transports"]["shm"]["connections"] == 0,
-            what="the node to drop the dead client's connections",
-        )
+        stats = kill_client_mid_call(node.address, observer, op, transport, env)
         assert stats["entries"] >= 4
         assert observer.get(keep) == blocks  # and the node keeps serving
-        with kvpool.Client(node.address, transport="shm") as again:
+        with kvpool.Client(node.address, transport=transport) as again:
+            assert again.transport == transport
             assert again.get(keep) == blocks
 
 
