@@ -471,7 +471,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("shm_allow_uids", &ServerOptions::shm_allow_uids)
       .def_readwrite("shm_allow_gids", &ServerOptions::shm_allow_gids)
       .def_readwrite("shm_max_arena_bytes", &ServerOptions::shm_max_arena_bytes)
-      .def_readwrite("rdma", &ServerOptions::rdma);
+      .def_readwrite("rdma", &ServerOptions::rdma)
+      .def_readwrite("auth_tokens", &ServerOptions::auth_tokens);
 
   py::class_<StagingBuffer>(m, "StagingBuffer", py::buffer_protocol())
       .def_buffer([](StagingBuffer& b) {
@@ -541,19 +542,20 @@ PYBIND11_MODULE(_core, m) {
                        uint32_t connect_timeout_ms, uint32_t max_idle_connections,
                        const std::string& transport,
                        std::optional<std::shared_ptr<StagingArena>> arena, size_t arena_bytes,
-                       std::optional<RdmaOptions> rdma) {
+                       std::optional<RdmaOptions> rdma, const std::string& auth_token) {
              ClientOptions o{host, port, timeout_ms, connect_timeout_ms, max_idle_connections};
              o.transport = Unwrap(ParseTransportChoice(transport));
              if (arena) o.arena = *arena;
              o.arena_bytes = arena_bytes;
              if (rdma) o.rdma = *rdma;
+             o.auth_token = auth_token;
              py::gil_scoped_release release;
              return Unwrap(Client::Connect(o));
            }),
            py::arg("host"), py::arg("port"), py::arg("timeout_ms"), py::arg("connect_timeout_ms"),
            py::arg("max_idle_connections"), py::arg("transport") = "auto",
            py::arg("arena") = std::nullopt, py::arg("arena_bytes") = size_t{64} << 20,
-           py::arg("rdma") = std::nullopt)
+           py::arg("rdma") = std::nullopt, py::arg("auth_token") = "")
       .def_property_readonly("address", &Client::address)
       .def_property_readonly(
           "transport", [](Client& c) { return std::string(TransportKindName(c.transport())); })

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <thread>
 
+#include "support/auth.h"
 #include "support/log.h"
 #include "support/socket.h"
 #include "transport/rdma/verbs.h"
@@ -42,7 +43,9 @@ namespace detail {
 
 class ClientConnection {
  public:
-  ClientConnection(net::Fd fd, std::string where) : fd_(std::move(fd)), where_(std::move(where)) {}
+  /// `auth_token`: proven to the node at HELLO when the node asks (empty: none).
+  ClientConnection(net::Fd fd, std::string where, std::string_view auth_token)
+      : fd_(std::move(fd)), where_(std::move(where)), auth_token_(auth_token) {}
   ~ClientConnection() {
     // Shutdown reaches the socket itself, even when a fork() left a copy of the descriptor in
     // another process: the node sees the hang-up and commits nothing copied after it.
@@ -58,13 +61,19 @@ class ClientConnection {
   /// does.
   Status Hello(net::Deadline deadline, std::string_view offer = {}, int pass_fd = -1) {
     std::string body(protocol::kHelloRequestBytes, '\0');
-    const uint32_t min = offer.empty() ? protocol::kMinVersion : 2, max = protocol::kVersion;
+    // Extensions (a transport offer, the auth nonce) need version 2 of the node.
+    const bool v2_only = !offer.empty() || !auth_token_.empty();
+    const uint32_t min = v2_only ? 2 : protocol::kMinVersion, max = protocol::kVersion;
     std::memcpy(body.data(), &min, 4);
     std::memcpy(body.data() + 4, &max, 4);
     Header h;
     h.op = Op::kHello;
     h.request_id = ++next_id_;
     if (!offer.empty()) protocol::AppendExt(body, protocol::Ext::kTransport, offer);
+    const std::string method(1, static_cast<char>(auth::kHmacSha256));
+    const std::string client_nonce = auth_token_.empty() ? "" : auth::RandomNonce();
+    if (!auth_token_.empty())
+      protocol::AppendExt(body, protocol::Ext::kAuth, method + client_nonce);
     h.body_bytes = body.size();
     uint8_t raw[protocol::kHeaderBytes];
     protocol::EncodeHeader(h, raw);
@@ -85,35 +94,69 @@ class ClientConnection {
       return BadReply("v1 HELLO reply size");
     }
     kind = TransportKind::kTcp;
-    return protocol::ForEachExt(std::span<const uint8_t>(reply).subspan(protocol::kHelloReplyBytes),
-                                [&](uint16_t type, std::string_view value) -> Status {
-                                  switch (static_cast<protocol::Ext>(type)) {
-                                    case protocol::Ext::kTransport:
-                                      if (value.empty()) return BadReply("transport answer");
-                                      kind = static_cast<TransportKind>(value[0]);
-                                      answer = value.substr(1);
-                                      break;
-                                    case protocol::Ext::kTransports:
-                                      offers = value;
-                                      break;
-                                    case protocol::Ext::kNodeId:
-                                      node_id = value;
-                                      break;
-                                    case protocol::Ext::kShmEndpoint: {
-                                      uint16_t host_len = 0;
-                                      if (value.size() >= 2)
-                                        std::memcpy(&host_len, value.data(), 2);
-                                      if (value.size() < 2u + host_len)
-                                        return BadReply("shm endpoint");
-                                      shm_host = value.substr(2, host_len);
-                                      shm_path = value.substr(2 + host_len);
-                                      break;
-                                    }
-                                    default:
-                                      break;  // newer extensions
-                                  }
-                                  return Status::Ok();
-                                });
+    std::string node_nonce;
+    KVPOOL_RETURN_IF_ERROR(protocol::ForEachExt(
+        std::span<const uint8_t>(reply).subspan(protocol::kHelloReplyBytes),
+        [&](uint16_t type, std::string_view value) -> Status {
+          switch (static_cast<protocol::Ext>(type)) {
+            case protocol::Ext::kAuth:
+              if (value.size() != auth::kExtBytes || value[0] != auth::kHmacSha256) {
+                return BadReply("auth challenge");
+              }
+              node_nonce = value.substr(1);
+              break;
+            case protocol::Ext::kTransport:
+              if (value.empty()) return BadReply("transport answer");
+              kind = static_cast<TransportKind>(value[0]);
+              answer = value.substr(1);
+              break;
+            case protocol::Ext::kTransports:
+              offers = value;
+              break;
+            case protocol::Ext::kNodeId:
+              node_id = value;
+              break;
+            case protocol::Ext::kShmEndpoint: {
+              uint16_t host_len = 0;
+              if (value.size() >= 2) std::memcpy(&host_len, value.data(), 2);
+              if (value.size() < 2u + host_len) return BadReply("shm endpoint");
+              shm_host = value.substr(2, host_len);
+              shm_path = value.substr(2 + host_len);
+              break;
+            }
+            default:
+              break;  // newer extensions
+          }
+          return Status::Ok();
+        }));
+    if (node_nonce.empty()) return Status::Ok();  // the node asks for no token
+    return Authenticate(client_nonce, node_nonce, deadline);
+  }
+
+  /// AUTH: our proof over both nonces and the node id; the node answers with its own, which
+  /// tells us it holds the token too (so no impostor gets the arena or the blocks).
+  Status Authenticate(std::string_view client_nonce, std::string_view node_nonce,
+                      net::Deadline deadline) {
+    if (auth_token_.empty()) {
+      return Status(ErrorCode::kUnauthorized, "node " + where_ +
+                                                  " requires a data-plane auth token (set "
+                                                  "auth_token or KVPOOL_AUTH_TOKEN)");
+    }
+    const std::string proof = auth::Proof(auth_token_, "client", client_nonce, node_nonce, node_id);
+    const uint64_t id = SendFrame(Op::kAuth, 0, proof.data(), proof.size(), deadline);
+    KVPOOL_RETURN_IF_ERROR(send_status_);
+    Header r;
+    KVPOOL_RETURN_IF_ERROR(ReadReplyHeader(Op::kAuth, id, deadline, &r));
+    if (r.body_bytes != protocol::kAuthProofBytes) return BadReply("AUTH reply size");
+    std::string theirs(protocol::kAuthProofBytes, '\0');
+    KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_.get(), theirs.data(), theirs.size(), deadline));
+    if (theirs != auth::Proof(auth_token_, "node", client_nonce, node_nonce, node_id)) {
+      return Status(ErrorCode::kUnauthorized,
+                    "node " + where_ +
+                        " did not prove the auth token (another token, or not a "
+                        "kvpool node)");
+    }
+    return Status::Ok();
   }
 
   /// Sends one frame made of the header and `iov` (which must leave iov[0] free for the header).
@@ -203,6 +246,7 @@ class ClientConnection {
  private:
   net::Fd fd_;
   std::string where_;
+  std::string auth_token_;
   uint64_t next_id_ = 0;
   Status send_status_;
   std::vector<uint8_t> scratch_;
@@ -391,7 +435,7 @@ Result<std::shared_ptr<StagingArena>> Client::EnsureArena() {
 Result<std::unique_ptr<Connection>> Client::DialTcp(net::Deadline deadline) {
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
-  auto conn = std::make_unique<Connection>(std::move(fd.value()), address());
+  auto conn = std::make_unique<Connection>(std::move(fd.value()), address(), options_.auth_token);
   KVPOOL_RETURN_IF_ERROR(conn->Hello(deadline));
   std::lock_guard<std::mutex> lock(mu_);
   node_id_ = conn->node_id;
@@ -420,7 +464,8 @@ Result<std::unique_ptr<Connection>> Client::DialShm(net::Deadline deadline) {
                       std::to_string(listener.value().uid) + ", neither this process's uid " +
                       std::to_string(geteuid()) + " nor root: the arena is not handed over");
   }
-  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (" + path + ")");
+  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (" + path + ")",
+                                           options_.auth_token);
   std::string offer(1, static_cast<char>(TransportKind::kShm));
   const uint64_t arena_bytes = arena.value()->size();
   offer.append(reinterpret_cast<const char*>(&arena_bytes), 8);
@@ -464,7 +509,8 @@ Result<std::unique_ptr<Connection>> Client::DialRdma(net::Deadline deadline) {
   if (!qp.ok()) return qp.status();
   auto fd = net::Connect(options_.host, options_.port, deadline);
   if (!fd.ok()) return fd.status();
-  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (rdma)");
+  auto conn = std::make_unique<Connection>(std::move(fd.value()), address() + " (rdma)",
+                                           options_.auth_token);
   // The offer: our QP, and the arena as a region the node may READ and WRITE.
   std::string offer(1, static_cast<char>(TransportKind::kRdma));
   offer += rdma::EncodeQpAddress(qp.value()->address());

@@ -6,7 +6,7 @@
 namespace kvpool::protocol {
 
 bool IsKnownOp(uint8_t op) {
-  return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kStats);
+  return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kAuth);
 }
 
 void AppendExt(std::string& out, Ext type, std::string_view value) {
@@ -82,6 +82,11 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits, uint32_t ver
         return Status(ErrorCode::kBadFrame,
                       "STATS count must be 0, got " + std::to_string(h.count));
       expected = 0;
+      break;
+    case Op::kAuth:
+      if (h.count != 0)
+        return Status(ErrorCode::kBadFrame, "AUTH count must be 0, got " + std::to_string(h.count));
+      expected = kAuthProofBytes;
       break;
     case Op::kGet:
       expected = uint64_t{h.count} * (described ? kDescribedGetEntryBytes : kKeyBytes);

@@ -15,6 +15,7 @@
 #include <system_error>
 #include <vector>
 
+#include "support/auth.h"
 #include "support/log.h"
 #include "support/socket.h"
 #include "transport/rdma/rdma_link.h"
@@ -64,6 +65,7 @@ struct NodeFacts {
   std::atomic<uint64_t>& shm_mapped;  ///< arena bytes mapped by all connections
   rdma::Device* rdma_device;          ///< null: RDMA not served
   const rdma::MemoryRegion* rdma_pool;
+  std::atomic<uint64_t>& auth_refused;
 };
 
 class FrameHandler {
@@ -74,7 +76,8 @@ class FrameHandler {
         store_(store),
         options_(node.options),
         node_(node),
-        link_(std::make_unique<TcpLink>(fd)) {}
+        link_(std::make_unique<TcpLink>(fd)),
+        authed_(node.options.auth_tokens.empty()) {}
   ~FrameHandler() {
     link_.reset();  // unmaps the arena
     node_.shm_mapped.fetch_sub(mapped_);
@@ -95,6 +98,9 @@ class FrameHandler {
       s = protocol::ValidateRequestHeader(h, options_.limits, version_);
       if (s.ok() && !hello_done_ && h.op != Op::kHello) {
         s = Status(ErrorCode::kHandshakeRequired, "the first frame must be HELLO");
+      }
+      if (s.ok() && hello_done_ && !authed_ && h.op != Op::kAuth) {
+        return RefuseAuth(h, "this node requires authentication: AUTH must follow HELLO");
       }
       if (!s.ok()) return ReplyError(h, s);
       s = Dispatch(h);
@@ -125,10 +131,21 @@ class FrameHandler {
   }
 
  private:
+  /// Answers `h` with Unauthorized, counts the refusal, and closes (the returned error).
+  Status RefuseAuth(const Header& h, const std::string& why) {
+    node_.auth_refused.fetch_add(1);
+    KVPOOL_LOG(kInfo, "connection refused", "reason", why);
+    return ReplyError(h, Status(ErrorCode::kUnauthorized, why));
+  }
+
   Status ReadHeader(uint8_t* raw) {
     in_frame_ = false;
-    // Wait for the first byte without a deadline, then read the rest of the header on the clock.
-    Status s = Recv(raw, 1, net::Deadline::Never());
+    // Wait for the first byte without a deadline (but an unauthenticated peer gets io_timeout
+    // to send AUTH), then read the rest of the header on the clock.
+    Status s = Recv(raw, 1,
+                    hello_done_ && !authed_
+                        ? net::Deadline::In(std::chrono::milliseconds(options_.io_timeout_ms))
+                        : net::Deadline::Never());
     if (!s.ok()) return s;
     in_frame_ = true;
     return Recv(raw + 1, protocol::kHeaderBytes - 1,
@@ -161,6 +178,8 @@ class FrameHandler {
         const std::string body = node_.stats();
         return Reply(h, 0, body.data(), body.size());
       }
+      case Op::kAuth:
+        return Auth(h);
     }
     return ReplyError(h, Status(ErrorCode::kUnknownOp, "unknown opcode"));
   }
@@ -203,6 +222,15 @@ class FrameHandler {
     Status s = protocol::ForEachExt(
         std::span<const uint8_t>(hello_body_).subspan(protocol::kHelloRequestBytes),
         [&](uint16_t type, std::string_view value) -> Status {
+          if (type == static_cast<uint16_t>(protocol::Ext::kAuth)) {
+            if (value.size() != auth::kExtBytes || value[0] != auth::kHmacSha256) {
+              return Status(ErrorCode::kBadFrame,
+                            "auth extension must be 17 bytes, method 1 (HMAC-SHA256), nonce; got " +
+                                std::to_string(value.size()) + " bytes");
+            }
+            client_nonce_ = value.substr(1);
+            return Status::Ok();
+          }
           if (type != static_cast<uint16_t>(protocol::Ext::kTransport)) return Status::Ok();
           if (value.empty()) return Status(ErrorCode::kBadFrame, "empty transport offer");
           offered = static_cast<uint8_t>(value[0]);
@@ -217,6 +245,12 @@ class FrameHandler {
           return Status::Ok();
         });
     if (!s.ok()) return ReplyError(h, s);
+    if (!authed_ && client_nonce_.empty()) {
+      // Before any transport is set up: a peer without a token gets no arena mapped, no QP.
+      return RefuseAuth(h,
+                        "this node requires a data-plane auth token (set auth_token or "
+                        "KVPOOL_AUTH_TOKEN on the client)");
+    }
     if (listener_ == TransportKind::kShm) {
       if (offered != static_cast<int>(TransportKind::kShm) || fds_received_ != 1) {
         return ReplyError(h, Status(ErrorCode::kBadFrame,
@@ -278,6 +312,11 @@ class FrameHandler {
         protocol::AppendExt(reply, protocol::Ext::kTransports, offers);
       }
       protocol::AppendExt(reply, protocol::Ext::kNodeId, node_.node_id);
+      if (!authed_) {
+        node_nonce_ = auth::RandomNonce();
+        protocol::AppendExt(reply, protocol::Ext::kAuth,
+                            std::string(1, static_cast<char>(auth::kHmacSha256)) + node_nonce_);
+      }
       if (listener_ == TransportKind::kTcp && !node_.shm_path.empty()) {
         const std::string& host = LocalHostId();
         std::string endpoint(2, '\0');
@@ -289,6 +328,25 @@ class FrameHandler {
       }
     }
     return Reply(h, 0, reply.data(), reply.size());
+  }
+
+  /// The client's proof over both nonces and the node id; the reply is the node's.
+  Status Auth(const Header& h) {
+    std::string proof(protocol::kAuthProofBytes, '\0');
+    KVPOOL_RETURN_IF_ERROR(net::RecvAll(fd_, proof.data(), proof.size(), deadline_));
+    if (authed_) {
+      return ReplyError(h,
+                        Status(ErrorCode::kBadFrame, options_.auth_tokens.empty()
+                                                         ? "AUTH sent to a node without auth tokens"
+                                                         : "AUTH sent twice on one connection"));
+    }
+    const int match = auth::MatchClientProof(options_.auth_tokens, proof, client_nonce_,
+                                             node_nonce_, node_.node_id);
+    if (match < 0) return RefuseAuth(h, "wrong data-plane auth token");
+    authed_ = true;
+    const std::string mine = auth::Proof(options_.auth_tokens[static_cast<size_t>(match)], "node",
+                                         client_nonce_, node_nonce_, node_.node_id);
+    return Reply(h, 0, mine.data(), mine.size());
   }
 
   Status ReadKeys(const Header& h) {
@@ -526,6 +584,8 @@ class FrameHandler {
   bool hello_done_ = false;
   bool in_frame_ = false;
   uint32_t version_ = 0;
+  bool authed_;                            // true once AUTH passed, or when the node has no tokens
+  std::string client_nonce_, node_nonce_;  // this connection's challenge
   net::Deadline deadline_ = net::Deadline::Never();
   std::vector<uint8_t> hello_body_, table_, status_;
   std::vector<Key128> keys_, commit_keys_;
@@ -721,7 +781,8 @@ void Server::Admit(int fd, TransportKind listener) {
 void Server::Serve(Connection* conn) {
   const std::function<std::string()> stats = [this] { return StatsJson(); };
   const NodeFacts node{options_,       stats,       node_id_,           shm_path_,
-                       per_transport_, shm_mapped_, rdma_device_.get(), rdma_pool_.get()};
+                       per_transport_, shm_mapped_, rdma_device_.get(), rdma_pool_.get(),
+                       auth_refused_};
   FrameHandler handler(conn->fd.get(), conn->listener, *store_, node);
   if (conn->listener == TransportKind::kShm) {
     // Only processes of this uid (or root, or the configured uids and gids) may hand the node
@@ -811,6 +872,8 @@ std::string Server::StatsJson() const {
      << ",\"connections\":" << connections << ",\"connections_accepted\":" << accepted_.load()
      << ",\"connections_rejected\":" << rejected_.load()
      << ",\"protocol_errors\":" << protocol_errors_.load()
+     << ",\"auth_refused\":" << auth_refused_.load()
+     << ",\"auth\":" << (options_.auth_tokens.empty() ? "false" : "true")
      << ",\"hugepages\":" << (store_->pool().hugepages() ? "true" : "false") << ",\"eviction\":\""
      << EvictionKindName(options_.store.eviction) << "\",\"shm_socket\":\"" << JsonEscape(shm_path_)
      << "\",\"transports\":{";

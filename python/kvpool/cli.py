@@ -51,6 +51,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rdma-port", dest="rdma_port", type=int, help="RDMA device port (default 1)")
     p.add_argument(
+        "--auth-token-file",
+        dest="auth_token_file",
+        help="data-plane tokens, one per line, all accepted (or KVPOOL_AUTH_TOKEN)",
+    )
+    p.add_argument(
         "--shm-socket",
         dest="shm_socket",
         help="the shared-memory unix socket (default $XDG_RUNTIME_DIR or /tmp /kvpool-<uid>/...)",

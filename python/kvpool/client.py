@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from kvpool import _core
 from kvpool._closing import Closing
+from kvpool.config import read_auth_tokens
 from kvpool.errors import InvalidArgumentError, KVPoolConnectionError
 from kvpool.rdma import RdmaSettings
 from kvpool.staging import StagingArena
@@ -29,6 +31,18 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgumentError(f"address {address!r} is not of the form host:port")
     return host, int(port)
+
+
+def client_token(auth_token: str | None) -> str:
+    """``auth_token``, or when None that of ``KVPOOL_AUTH_TOKEN`` / ``KVPOOL_AUTH_TOKEN_FILE``."""
+    if auth_token is not None:
+        return auth_token
+    tokens = read_auth_tokens(
+        os.environ.get("KVPOOL_AUTH_TOKEN", ""),
+        os.environ.get("KVPOOL_AUTH_TOKEN_FILE", ""),
+        key="KVPOOL_AUTH_TOKEN",
+    )
+    return tokens[0] if tokens else ""
 
 
 def _as_buffer(block: Any) -> Any:
@@ -57,7 +71,9 @@ class Client(Closing):
     ``arena`` passed in) cross with a single copy, done by the node, and on RDMA with none: the
     node's NIC reads and writes them. ``rdma_devices`` (``"mlx5_1:6,mlx5_2:7"``),
     ``rdma_link_type`` (``"IB"`` or ``"Ethernet"``), ``rdma_port`` and ``rdma_gpu`` choose the
-    RDMA device (:mod:`kvpool.rdma`).
+    RDMA device (:mod:`kvpool.rdma`). ``auth_token`` is proven to nodes that require one
+    (default: ``KVPOOL_AUTH_TOKEN``, else the first line of ``KVPOOL_AUTH_TOKEN_FILE``); a node
+    that refuses it raises :class:`kvpool.UnauthorizedError` naming the node.
     """
 
     def __init__(
@@ -73,6 +89,7 @@ class Client(Closing):
         rdma_link_type: str = "Ethernet",
         rdma_port: int = 1,
         rdma_gpu: int = -1,
+        auth_token: str | None = None,
     ) -> None:
         if timeout <= 0 or connect_timeout <= 0:
             raise InvalidArgumentError(
@@ -84,6 +101,7 @@ class Client(Closing):
             )
         host, port = parse_address(address)
         rdma = RdmaSettings(rdma_devices, rdma_link_type, rdma_port, rdma_gpu).options()
+        token = client_token(auth_token)
         self.address = address
         self._arena = arena
         self._handle: Any = _core.Client(
@@ -95,6 +113,7 @@ class Client(Closing):
             transport,
             arena._native if arena is not None else None,
             rdma=rdma,
+            auth_token=token,
         )
 
     @property

@@ -14,7 +14,7 @@ import redis
 
 from kvpool import _core
 from kvpool._closing import Closing
-from kvpool.client import TRANSPORTS, Client
+from kvpool.client import TRANSPORTS, Client, client_token
 from kvpool.errors import InstallError, InvalidArgumentError, KVPoolError
 from kvpool.metadata import Member, Registry, load_library
 from kvpool.rdma import RdmaSettings
@@ -44,7 +44,8 @@ class Cluster(Closing):
     (``"auto"`` falls back to TCP when it fails, ``"shm"`` does not), TCP for the rest. All members
     share one staging ``arena``: a buffer from :meth:`staging_buffer` is zero-copy to each of them.
     Members elsewhere that advertise RDMA get the configured ``transport`` too, on the device the
-    ``rdma_*`` settings choose (as for :class:`kvpool.Client`).
+    ``rdma_*`` settings choose (as for :class:`kvpool.Client`), and ``auth_token`` is proven to
+    every member that requires one.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class Cluster(Closing):
         rdma_link_type: str = "Ethernet",
         rdma_port: int = 1,
         rdma_gpu: int = -1,
+        auth_token: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be > 0, got {timeout}")
@@ -71,6 +73,7 @@ class Cluster(Closing):
         self.transport = transport
         self._rdma = RdmaSettings(rdma_devices, rdma_link_type, rdma_port, rdma_gpu)
         self._rdma.options()  # a bad setting or GPU binding fails here, not per member
+        self._auth_token = client_token(auth_token)
         self._arena = arena
         self._host_id = _core.host_id()
         if replicas < 0:
@@ -184,6 +187,7 @@ class Cluster(Closing):
                 rdma_link_type=self._rdma.link_type,
                 rdma_port=self._rdma.port,
                 rdma_gpu=self._rdma.gpu,
+                auth_token=self._auth_token,
             )
         except KVPoolError as e:
             log.info("node %s (%s) unreachable: %s", m.node_id, m.address, e)

@@ -69,6 +69,32 @@ def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
+def read_auth_tokens(token: str, token_file: str, *, key: str = "auth_token") -> list[str]:
+    """The data-plane tokens of ``token`` and of each non-empty line of ``token_file`` (a node
+    accepts them all, for rotation; a client proves the first). ConfigError naming the file when
+    it cannot be read, and a warning for a token shorter than 16 bytes."""
+    tokens = [token] if token else []
+    if token_file:
+        try:
+            text = Path(token_file).read_text()
+        except OSError as e:
+            raise ConfigError(f"{key}_file = {token_file!r} cannot be read: {e.strerror}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"{key}_file = {token_file!r} holds no token")
+        tokens += lines
+    for t in tokens:
+        if t != t.strip() or len(t.encode()) > 4096:
+            raise ConfigError(f"{key}: a token must be 1..4096 bytes without surrounding spaces")
+        if len(t.encode()) < 16:
+            log.warning(
+                "%s is %d bytes long: use at least 16 random bytes (e.g. openssl rand -hex 32)",
+                key,
+                len(t.encode()),
+            )
+    return tokens
+
+
 def _check_redis_url(key: str, url: str) -> None:
     if url and not url.startswith(_REDIS_SCHEMES):
         raise ConfigError(f"{key} = {url!r} is not a redis://, rediss:// or unix:// URL")
@@ -230,6 +256,10 @@ class ServerConfig(_Settings):
     #: the device list gives an index).
     rdma_link_type: str = "Ethernet"
     rdma_port: int = 1
+    #: Data-plane authentication: connections must prove this token (challenge-response; it
+    #: never crosses the wire). ``auth_token_file`` holds one per line, all accepted (rotation).
+    auth_token: str = ""
+    auth_token_file: str = ""
 
     def transport_list(self) -> list[str]:
         return [t.strip() for t in self.transports.split(",") if t.strip()]
@@ -276,6 +306,10 @@ class ServerConfig(_Settings):
             if any(not 0 <= i < 1 << 32 for i in ids):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not a comma list of ids")
         self.rdma().check(ConfigError)
+        self.auth_tokens()
+
+    def auth_tokens(self) -> list[str]:
+        return read_auth_tokens(self.auth_token, self.auth_token_file)
 
     def rdma(self) -> RdmaSettings:
         return RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port)
@@ -315,6 +349,9 @@ class ConnectorConfig(_Settings):
     rdma_link_type: str = "Ethernet"
     rdma_port: int = 1
     rdma_gpu: int = -1
+    #: The token proven to nodes that require one (or the first line of ``auth_token_file``).
+    auth_token: str = ""
+    auth_token_file: str = ""
 
     @classmethod
     def _seed_settings(cls, env: Mapping[str, str]) -> dict[str, Any]:
@@ -360,3 +397,9 @@ class ConnectorConfig(_Settings):
         RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port, self.rdma_gpu).check(
             ConfigError
         )
+        self.token()
+
+    def token(self) -> str:
+        """The data-plane token to prove ("" for none)."""
+        tokens = read_auth_tokens(self.auth_token, self.auth_token_file)
+        return tokens[0] if tokens else ""

@@ -39,6 +39,7 @@ def _core_options(config: ServerConfig) -> Any:
     o.shm_allow_gids = config.allowed_ids("shm_allow_gids")
     o.shm_max_arena_bytes = config.shm_max_arena_bytes
     o.rdma = config.rdma().options()
+    o.auth_tokens = config.auth_tokens()
     if config.redis:
         o.event_capacity = 1 << 18  # drained every publish interval; overflow forces a resync
     return o
@@ -112,12 +113,14 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     node = LocalServer(config)
     log.info(
-        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s, shm=%s)",
+        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s, shm=%s, "
+        "auth=%s)",
         node.address,
         config.memory,
         config.eviction,
         node.stats().get("hugepages"),
         node.shm_socket or "off",
+        f"{len(config.auth_tokens())} token(s)" if config.auth_tokens() else "off",
     )
     agent = None
     if config.redis:

@@ -62,7 +62,7 @@ TEST(Protocol, HeaderWireLayout) {
 
 TEST(Protocol, KnownOps) {
   for (int op = 0; op < 256; ++op) {
-    EXPECT_EQ(IsKnownOp(static_cast<uint8_t>(op)), op >= 1 && op <= 7) << op;
+    EXPECT_EQ(IsKnownOp(static_cast<uint8_t>(op)), op >= 1 && op <= 8) << op;
   }
 }
 
@@ -98,7 +98,7 @@ TEST(Protocol, BadMagic) {
 }
 
 TEST(Protocol, UnknownOp) {
-  for (int op : {0, 8, 9, 100, 255}) {
+  for (int op : {0, 9, 10, 100, 255}) {
     const Status s = ValidateRequestHeader(RawOp(static_cast<uint8_t>(op)), Limits{}, 2);
     EXPECT_EQ(s.code(), ErrorCode::kUnknownOp) << op;
     EXPECT_NE(s.message().find(std::to_string(op)), std::string::npos) << s.message();

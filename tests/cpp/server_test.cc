@@ -421,7 +421,7 @@ std::vector<BadFrame> BadFrames() {
   header_only("bad magic", h, ErrorCode::kBadMagic);
   h.magic = 0;
   header_only("bad magic before hello", h, ErrorCode::kBadMagic, false);
-  for (uint8_t op : {uint8_t{0}, uint8_t{8}, uint8_t{200}}) {
+  for (uint8_t op : {uint8_t{0}, uint8_t{9}, uint8_t{200}}) {
     Header u = MakeHeader(Op::kStats, 0, 0, 22);
     std::memcpy(&u.op, &op, 1);
     header_only("unknown op", u, ErrorCode::kUnknownOp);

@@ -357,8 +357,22 @@ free_port = kvpool.local.free_port
 # The wire protocol (docs/protocol.md), spoken by hand to send what the client never would.
 MAGIC = 0x3150564B
 HEADER = struct.Struct("<IBBHQIiQ")  # magic op flags reserved request_id count status body_bytes
-OP_HELLO, OP_PUT, OP_GET, OP_EXISTS, OP_MATCH_PREFIX, OP_DELETE, OP_STATS = range(1, 8)
+OP_HELLO, OP_PUT, OP_GET, OP_EXISTS, OP_MATCH_PREFIX, OP_DELETE, OP_STATS, OP_AUTH = range(1, 9)
 assert HEADER.size == 32
+
+
+def ext(kind: int, value: bytes) -> bytes:
+    """One v2 HELLO extension (u16 type, u16 zero, u32 length, value)."""
+    return struct.pack("<HHI", kind, 0, len(value)) + value
+
+
+def parse_exts(body: bytes) -> dict[int, bytes]:
+    out, at = {}, 0
+    while at < len(body):
+        kind, _, n = struct.unpack_from("<HHI", body, at)
+        out[kind] = body[at + 8 : at + 8 + n]
+        at += 8 + n
+    return out
 
 
 def header(

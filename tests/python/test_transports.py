@@ -33,8 +33,10 @@ from conftest import (
     ServerProcess,
     assert_nothing_held,
     child_env,
+    ext,
     header,
     kill_client_mid_call,
+    parse_exts,
     random_keys,
 )
 
@@ -44,19 +46,6 @@ FLAG_DESCRIBED = 2
 EXT_TRANSPORT, EXT_SHM_ENDPOINT, EXT_NODE_ID = 2, 3, 4
 SHM = 1
 INLINE = (1 << 64) - 1
-
-
-def ext(kind: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", kind, 0, len(value)) + value
-
-
-def parse_exts(body: bytes) -> dict[int, bytes]:
-    out, at = {}, 0
-    while at < len(body):
-        kind, _, n = struct.unpack_from("<HHI", body, at)
-        out[kind] = body[at + 8 : at + 8 + n]
-        at += 8 + n
-    return out
 
 
 def sealed_memfd(nbytes: int, *, seal: bool = True) -> int:

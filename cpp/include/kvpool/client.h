@@ -50,6 +50,9 @@ struct ClientOptions {
   size_t arena_bytes = size_t{64} << 20;
   /// RDMA device selection (read when the client first uses RDMA).
   RdmaOptions rdma;
+  /// The data-plane auth token proven to nodes that require one (empty: none). With a token the
+  /// client speaks protocol v2 only.
+  std::string auth_token;
 };
 
 /// Talks to one node. Thread-safe: concurrent calls use separate connections from a small pool,

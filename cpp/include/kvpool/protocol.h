@@ -37,7 +37,9 @@ enum class Op : uint8_t {
   kMatchPrefix = 5,
   kDelete = 6,
   kStats = 7,
+  kAuth = 8,  ///< v2: the client's proof of the auth token (32 bytes); the reply is the node's
 };
+inline constexpr size_t kAuthProofBytes = 32;
 
 /// Per-block outcome of a PUT, one byte each in the reply.
 enum class PutStatus : uint8_t { kStored = 0, kExists = 1, kNoSpace = 2, kTooLarge = 3 };
@@ -70,7 +72,7 @@ inline constexpr size_t kMaxHelloBytes = 8 + 4096;
 /// v2 HELLO extensions: type-length-value entries (u16 type, u16 zero, u32 length, bytes) after
 /// the fixed part of a HELLO request or reply. Unknown types are skipped by both sides.
 enum class Ext : uint16_t {
-  kAuthToken = 1,    ///< reserved for data-plane authentication
+  kAuth = 1,         ///< u8 method (1: HMAC-SHA256), 16-byte nonce: request and reply
   kTransport = 2,    ///< request: u8 kind + the kind's offer; reply: u8 kind in use
   kShmEndpoint = 3,  ///< reply on TCP: u16 host-id length, host id, socket path (the rest)
   kNodeId = 4,       ///< reply: 16 bytes that identify this node process

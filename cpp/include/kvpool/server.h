@@ -46,6 +46,9 @@ struct ServerOptions {
   uint64_t shm_max_arena_bytes = uint64_t{64} << 30;
   /// RDMA device selection (read only when "rdma" is served and a provider opens).
   RdmaOptions rdma;
+  /// Data-plane auth tokens: when any is set, a connection must prove one (HELLO nonce, then
+  /// AUTH) before anything else. Several are accepted at once, for rotation.
+  std::vector<std::string> auth_tokens;
   uint64_t shm_max_mapped_bytes = uint64_t{1} << 40;
 };
 
@@ -110,6 +113,7 @@ class Server {
   mutable std::mutex conns_mu_;
   std::list<std::unique_ptr<Connection>> conns_;
   std::atomic<uint64_t> accepted_{0}, rejected_{0}, protocol_errors_{0};
+  std::atomic<uint64_t> auth_refused_{0};  // connections refused for a missing or wrong token
 };
 
 }  // namespace kvpool

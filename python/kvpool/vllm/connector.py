@@ -353,6 +353,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             rdma_link_type=self.config.rdma_link_type,
             rdma_port=self.config.rdma_port,
             rdma_gpu=_rdma_gpu(vllm_config, self.config.rdma_gpu, role),
+            auth_token=self.config.token(),
         )
         self._stats = KVPoolConnectorStats()  # since vLLM last asked
         self.totals = KVPoolConnectorStats()  # since start (never reset)

@@ -7,6 +7,7 @@
 #if KVPOOL_HAVE_IBVERBS
 #include <dlfcn.h>
 #include <infiniband/verbs.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -38,13 +39,15 @@ struct Library {
   decltype(&ibv_alloc_pd) alloc_pd = nullptr;
   decltype(&ibv_dealloc_pd) dealloc_pd = nullptr;
   ibv_mr* (*reg_mr)(ibv_pd*, void*, size_t, int) = nullptr;
-  decltype(&ibv_reg_mr_iova2) reg_mr_iova2 = nullptr;  ///< rdma-core >= 24; optional
+  decltype(&ibv_reg_mr_iova2) reg_mr_iova2 = nullptr;  ///< IBVERBS_1.8; optional
   decltype(&ibv_dereg_mr) dereg_mr = nullptr;
   decltype(&ibv_create_cq) create_cq = nullptr;
   decltype(&ibv_destroy_cq) destroy_cq = nullptr;
   decltype(&ibv_create_qp) create_qp = nullptr;
   decltype(&ibv_modify_qp) modify_qp = nullptr;
   decltype(&ibv_destroy_qp) destroy_qp = nullptr;
+  decltype(&ibv_fork_init) fork_init = nullptr;
+  decltype(&ibv_is_fork_initialized) is_fork_initialized = nullptr;  ///< IBVERBS_1.13; optional
 };
 
 template <typename Fn>
@@ -77,11 +80,18 @@ const Library& Load() {
         Bind(h, "ibv_reg_mr", &lib.reg_mr) && Bind(h, "ibv_dereg_mr", &lib.dereg_mr) &&
         Bind(h, "ibv_create_cq", &lib.create_cq) && Bind(h, "ibv_destroy_cq", &lib.destroy_cq) &&
         Bind(h, "ibv_create_qp", &lib.create_qp) && Bind(h, "ibv_modify_qp", &lib.modify_qp) &&
-        Bind(h, "ibv_destroy_qp", &lib.destroy_qp);
+        Bind(h, "ibv_destroy_qp", &lib.destroy_qp) && Bind(h, "ibv_fork_init", &lib.fork_init);
     Bind(h, "ibv_reg_mr_iova2", &lib.reg_mr_iova2);
+    Bind(h, "ibv_is_fork_initialized", &lib.is_fork_initialized);
     if (!all) {
       lib.error = "libibverbs.so.1 lacks the verbs entry points (too old an rdma-core?)";
       lib.handle = nullptr;
+      return;
+    }
+    // Engines fork (vLLM's workers): on kernels that do not keep registered pages in the
+    // parent across fork, libibverbs must be told before anything is registered.
+    if (lib.is_fork_initialized == nullptr || lib.is_fork_initialized() != IBV_FORK_UNNEEDED) {
+      lib.fork_init();
     }
   });
   return lib;
@@ -144,17 +154,41 @@ class VerbsQp final : public QueuePair {
     address_.psn = std::random_device{}() & 0xffffff;
     address_.lid = c_->port.lid;
     std::memcpy(address_.gid.data(), c_->gid.raw, 16);
+    address_.mtu = static_cast<uint8_t>(std::min(c_->port.active_mtu, IBV_MTU_4096));
+    address_.rd_atomic = static_cast<uint8_t>(std::clamp(c_->device.max_qp_rd_atom, 1, 16));
     wcs_.resize(std::min<size_t>(max_, 64));
   }
 
   ~VerbsQp() override {
-    c_->lib->destroy_qp(qp_);
+    if (qp_ != nullptr) c_->lib->destroy_qp(qp_);
     c_->lib->destroy_cq(cq_);
   }
 
   QpAddress address() const override { return address_; }
   QpState state() const override { return state_; }
   size_t max_outstanding() const override { return max_; }
+
+  void Quiesce() override {
+    state_ = QpState::kError;
+    if (qp_ == nullptr) return;
+    // In the error state the device flushes what is queued; once every posted request has
+    // completed (the flush of the last one retires all), none of them touches memory again.
+    ibv_qp_attr a{};
+    a.qp_state = IBV_QPS_ERR;
+    if (c_->lib->modify_qp(qp_, &a, IBV_QP_STATE) == 0) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (retired_ < posted_ && std::chrono::steady_clock::now() < until) {
+        const int n = ibv_poll_cq(cq_, static_cast<int>(wcs_.size()), wcs_.data());
+        if (n < 0) break;
+        for (int i = 0; i < n; ++i) retired_ = std::max(retired_, wcs_[i].wr_id);
+      }
+    }
+    if (retired_ < posted_) {
+      // No flush in time: destroying the QP is what stops the device for certain.
+      c_->lib->destroy_qp(qp_);
+      qp_ = nullptr;
+    }
+  }
 
   Status Connect(const QpAddress& remote) override {
     if (state_ != QpState::kReset) {
@@ -180,20 +214,21 @@ class VerbsQp final : public QueuePair {
         Modify(a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT"));
     a = {};
     a.qp_state = IBV_QPS_RTR;
-    a.path_mtu = std::min(c_->port.active_mtu, IBV_MTU_4096);
+    // Both ends must use one path MTU: the smaller of the two ports' (each says its own).
+    a.path_mtu = static_cast<ibv_mtu>(address_.mtu);
+    if (remote.mtu != 0) a.path_mtu = std::min(a.path_mtu, static_cast<ibv_mtu>(remote.mtu));
     a.dest_qp_num = remote.qp_num;
     a.rq_psn = remote.psn;
-    a.max_dest_rd_atomic = static_cast<uint8_t>(std::clamp(c_->device.max_qp_rd_atom, 1, 16));
+    a.max_dest_rd_atomic = address_.rd_atomic;
     a.min_rnr_timer = 12;
     a.ah_attr.port_num = static_cast<uint8_t>(s.port);
-    if (ethernet) {
+    if (ethernet || (c_->port.flags & IBV_QPF_GRH_REQUIRED)) {
       a.ah_attr.is_global = 1;
       std::memcpy(a.ah_attr.grh.dgid.raw, remote.gid.data(), 16);
       a.ah_attr.grh.sgid_index = static_cast<uint8_t>(s.gid_index);
       a.ah_attr.grh.hop_limit = 64;  // RoCE v2 is routable
-    } else {
-      a.ah_attr.dlid = remote.lid;
     }
+    if (!ethernet) a.ah_attr.dlid = remote.lid;
     KVPOOL_RETURN_IF_ERROR(Modify(a,
                                   IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
                                       IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC |
@@ -205,7 +240,10 @@ class VerbsQp final : public QueuePair {
     a.retry_cnt = 7;
     a.rnr_retry = 7;
     a.sq_psn = address_.psn;
-    a.max_rd_atomic = static_cast<uint8_t>(std::clamp(c_->device.max_qp_init_rd_atom, 1, 16));
+    // As initiator, at most as many READs in flight as the peer accepts as responder.
+    int depth = std::clamp(c_->device.max_qp_init_rd_atom, 1, 16);
+    if (remote.rd_atomic != 0) depth = std::min<int>(depth, remote.rd_atomic);
+    a.max_rd_atomic = static_cast<uint8_t>(depth);
     KVPOOL_RETURN_IF_ERROR(Modify(a,
                                   IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
                                       IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC,
@@ -249,8 +287,10 @@ class VerbsQp final : public QueuePair {
     ibv_send_wr* bad = nullptr;
     const int rc = ibv_post_send(qp_, wrs_.data(), &bad);
     if (rc != 0) {
-      // Requests before `bad` are on the wire: this QP cannot be trusted with more.
+      // Requests before `bad` are on the wire (the caller quiesces the QP before it frees
+      // their memory); this QP takes no more.
       state_ = QpState::kError;
+      posted_ += static_cast<uint64_t>(bad != nullptr ? bad - wrs_.data() : 0);
       return Status(ErrorCode::kConnection, "ibv_post_send: " + Errno(rc));
     }
     posted_ += requests.size();
@@ -349,13 +389,18 @@ class VerbsDevice final : public Device {
             : c_->lib->reg_mr(c_->pd, addr, length, flags);
     if (mr == nullptr) {
       const int err = errno;
-      return Status(err == ENOMEM || err == EPERM ? ErrorCode::kNoSpace : ErrorCode::kInternal,
+      std::string hint;
+      if (err == ENOMEM) {
+        rlimit lim{};
+        getrlimit(RLIMIT_MEMLOCK, &lim);
+        hint = " (the locked-memory limit is " +
+               (lim.rlim_cur == RLIM_INFINITY ? std::string("unlimited")
+                                              : std::to_string(lim.rlim_cur) + " bytes") +
+               ": raise `ulimit -l`, or LimitMEMLOCK= for a systemd unit)";
+      }
+      return Status(err == ENOMEM ? ErrorCode::kNoSpace : ErrorCode::kInternal,
                     "registering " + std::to_string(length) + " bytes with " + name() + ": " +
-                        Errno(err) +
-                        (err == ENOMEM || err == EPERM
-                             ? " (the locked-memory limit: raise `ulimit -l`, or LimitMEMLOCK= "
-                               "for a systemd unit)"
-                             : ""));
+                        Errno(err) + hint);
     }
     std::lock_guard<std::mutex> lock(mu_);
     regions_[mr->lkey] = mr;
@@ -374,11 +419,13 @@ class VerbsDevice final : public Device {
     if (max_outstanding == 0) {
       return Status(ErrorCode::kInvalidArgument, "a QP needs room for at least one request");
     }
-    max_outstanding = std::min<size_t>(max_outstanding, c_->device.max_qp_wr);
-    const int cqe = static_cast<int>(std::min<size_t>(max_outstanding, c_->device.max_cqe));
-    ibv_cq* cq = c_->lib->create_cq(c_->ctx, cqe, nullptr, nullptr, 0);
+    max_outstanding = std::min<size_t>({max_outstanding, static_cast<size_t>(c_->device.max_qp_wr),
+                                        static_cast<size_t>(c_->device.max_cqe)});
+    ibv_cq* cq =
+        c_->lib->create_cq(c_->ctx, static_cast<int>(max_outstanding), nullptr, nullptr, 0);
     if (cq == nullptr) {
-      return Status(ErrorCode::kConnection, "ibv_create_cq on " + name() + ": " + Errno(errno));
+      const int err = errno;
+      return Status(ErrorCode::kConnection, "ibv_create_cq on " + name() + ": " + Errno(err));
     }
     ibv_qp_init_attr init{};
     init.send_cq = cq;
@@ -415,24 +462,30 @@ Result<std::unique_ptr<Device>> OpenVerbsDevice(const Selection& selection) {
   int n = 0;
   ibv_device** list = lib.get_device_list(&n);
   if (list == nullptr) {
+    const int err = errno;
     return Status(ErrorCode::kUnsupported, "RDMA device '" + selection.device +
                                                "' is in sysfs but libibverbs lists no device "
                                                "(ibv_get_device_list: " +
-                                               Errno(errno) + ")");
+                                               Errno(err) + ")");
   }
   auto c = std::make_shared<Context>();
   c->lib = &lib;
   c->selection = selection;
+  bool listed = false;
+  int open_err = 0;
   for (int i = 0; i < n && c->ctx == nullptr; ++i) {
     const char* name = lib.get_device_name(list[i]);
-    if (name != nullptr && selection.device == name) c->ctx = lib.open_device(list[i]);
+    if (name == nullptr || selection.device != name) continue;
+    listed = true;
+    c->ctx = lib.open_device(list[i]);
+    if (c->ctx == nullptr) open_err = errno;
   }
-  const int open_err = errno;
   lib.free_device_list(list);
   if (c->ctx == nullptr) {
-    return Status(ErrorCode::kUnsupported, "libibverbs cannot open RDMA device '" +
-                                               selection.device + "' (" + std::to_string(n) +
-                                               " listed): " + Errno(open_err));
+    return Status(ErrorCode::kUnsupported,
+                  "libibverbs cannot open RDMA device '" + selection.device + "': " +
+                      (listed ? Errno(open_err)
+                              : "not among the " + std::to_string(n) + " devices it lists"));
   }
   const std::string where = selection.device + " port " + std::to_string(selection.port);
   if (int rc = lib.query_device(c->ctx, &c->device); rc != 0) {
@@ -444,16 +497,17 @@ Result<std::unique_ptr<Device>> OpenVerbsDevice(const Selection& selection) {
   if (c->port.state != IBV_PORT_ACTIVE) {
     return Status(ErrorCode::kUnsupported, where + " is not ACTIVE");
   }
-  if (int rc =
-          lib.query_gid(c->ctx, static_cast<uint8_t>(selection.port), selection.gid_index, &c->gid);
-      rc != 0) {
-    return Status(
-        ErrorCode::kInvalidArgument,
-        "ibv_query_gid " + std::to_string(selection.gid_index) + " on " + where + ": " + Errno(rc));
+  if (lib.query_gid(c->ctx, static_cast<uint8_t>(selection.port), selection.gid_index, &c->gid) !=
+      0) {
+    const int err = errno;  // ibv_query_gid returns -1 and sets errno
+    return Status(ErrorCode::kInvalidArgument, "ibv_query_gid " +
+                                                   std::to_string(selection.gid_index) + " on " +
+                                                   where + ": " + Errno(err));
   }
   c->pd = lib.alloc_pd(c->ctx);
   if (c->pd == nullptr) {
-    return Status(ErrorCode::kUnsupported, "ibv_alloc_pd on " + where + ": " + Errno(errno));
+    const int err = errno;
+    return Status(ErrorCode::kUnsupported, "ibv_alloc_pd on " + where + ": " + Errno(err));
   }
   return std::unique_ptr<Device>(new VerbsDevice(std::move(c)));
 #else

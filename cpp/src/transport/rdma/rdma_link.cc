@@ -5,6 +5,13 @@
 namespace kvpool {
 
 Status RdmaLink::Run(std::vector<rdma::WorkRequest>& wrs) {
+  Status s = PostAndWait(wrs);
+  // The caller aborts reservations and drops pins next: no transfer may still be in flight.
+  if (!s.ok()) qp_->Quiesce();
+  return s;
+}
+
+Status RdmaLink::PostAndWait(std::vector<rdma::WorkRequest>& wrs) {
   const size_t window = std::max<size_t>(1, qp_->max_outstanding());
   completions_.resize(window);
   for (size_t begin = 0; begin < wrs.size(); begin += window) {

@@ -30,8 +30,10 @@ class RdmaLink final : public Link {
 
  private:
   /// Posts `wrs` in windows of the QP's bound, signalling the last of each window, and waits
-  /// for every completion. The first error fails the whole batch.
+  /// for every completion. The first error fails the whole batch, and only once the device has
+  /// stopped touching the batch's memory (QueuePair::Quiesce).
   Status Run(std::vector<rdma::WorkRequest>& wrs);
+  Status PostAndWait(std::vector<rdma::WorkRequest>& wrs);
   /// Queues one transfer between pool bytes and the arena run at `arena_offset`.
   void Add(rdma::Opcode opcode, size_t index, const void* pool_bytes, uint64_t length,
            uint64_t arena_offset);

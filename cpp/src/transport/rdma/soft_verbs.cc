@@ -56,6 +56,8 @@ class SoftQp final : public QueuePair {
   QpAddress address() const override { return address_; }
   QpState state() const override { return state_; }
   size_t max_outstanding() const override { return max_; }
+  // Work runs inside Post: nothing is ever in flight once it returns.
+  void Quiesce() override { state_ = QpState::kError; }
 
   Status Connect(const QpAddress& remote) override {
     if (state_ != QpState::kReset) {

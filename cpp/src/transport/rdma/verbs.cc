@@ -107,6 +107,8 @@ std::string EncodeQpAddress(const QpAddress& a) {
   std::memcpy(p + 10, a.gid.data(), 16);
   std::memcpy(p + 26, &a.soft_pid, 8);
   std::memcpy(p + 34, &a.soft_table, 8);
+  p[42] = static_cast<char>(a.mtu);
+  p[43] = static_cast<char>(a.rd_atomic);
   return out;
 }
 
@@ -119,6 +121,8 @@ bool DecodeQpAddress(std::string_view bytes, QpAddress* a) {
   std::memcpy(a->gid.data(), p + 10, 16);
   std::memcpy(&a->soft_pid, p + 26, 8);
   std::memcpy(&a->soft_table, p + 34, 8);
+  a->mtu = static_cast<uint8_t>(p[42]);
+  a->rd_atomic = static_cast<uint8_t>(p[43]);
   return true;
 }
 

@@ -43,6 +43,12 @@ struct QpAddress {
   std::array<uint8_t, 16> gid{};
   uint64_t soft_pid = 0;    ///< software provider: the owning process
   uint64_t soft_table = 0;  ///< software provider: its memory-region table's address
+  /// The path MTU this side can use (ibv_mtu: 1 = 256 .. 5 = 4096; 0 = no limit): both ends of
+  /// an RC connection must use the same, so each takes the smaller of the two.
+  uint8_t mtu = 0;
+  /// RDMA READs this side accepts in flight as responder (the peer's initiator depth may not
+  /// exceed it); 0 = no limit.
+  uint8_t rd_atomic = 0;
 };
 
 enum class QpState { kReset, kInit, kRtr, kRts, kError };
@@ -96,6 +102,11 @@ class QueuePair {
   /// behind it completes kFlushed and the QP is in kError.
   virtual Result<size_t> Poll(std::span<Completion> out, net::Deadline deadline) = 0;
   virtual size_t max_outstanding() const = 0;
+  /// After a failure (an error completion, a timeout, a failed post): returns only once the
+  /// device will touch none of the memory of the work posted so far (moves the QP to the error
+  /// state and drains the flushes; destroys the QP when they do not come). The caller may then
+  /// free or reuse that memory. The QP is unusable afterwards.
+  virtual void Quiesce() = 0;
 };
 
 /// One opened device (or the software provider's stand-in).
@@ -128,9 +139,9 @@ Result<std::unique_ptr<Device>> OpenDevice(const RdmaOptions& options,
                                            const std::string& sysfs_root = "/sys/class/infiniband");
 
 /// QP address and arena region as they travel in HELLO's transport extension (little-endian):
-/// u32 qp_num, u32 psn, u16 lid, gid[16], u64 soft_pid, u64 soft_table; the offer adds
-/// u64 arena_addr, u64 arena_length, u32 arena_rkey.
-inline constexpr size_t kQpAddressBytes = 42;
+/// u32 qp_num, u32 psn, u16 lid, gid[16], u64 soft_pid, u64 soft_table, u8 mtu, u8 rd_atomic;
+/// the offer adds u64 arena_addr, u64 arena_length, u32 arena_rkey.
+inline constexpr size_t kQpAddressBytes = 44;
 inline constexpr size_t kArenaRegionBytes = 20;
 std::string EncodeQpAddress(const QpAddress& a);
 bool DecodeQpAddress(std::string_view bytes, QpAddress* out);
