@@ -253,15 +253,8 @@ class VerbsQp final : public QueuePair {
   }
 
   Status Post(std::span<const WorkRequest> requests) override {
-    if (state_ != QpState::kRts) {
-      return Status(ErrorCode::kProtocol,
-                    std::string("Post on a QP in state ") + QpStateName(state_));
-    }
+    KVPOOL_RETURN_IF_ERROR(CheckPost(state_, posted_ - retired_, requests.size(), max_));
     if (requests.empty()) return Status::Ok();
-    if (posted_ - retired_ + requests.size() > max_) {
-      return Status(ErrorCode::kProtocol, "send queue full: " + std::to_string(posted_ - retired_) +
-                                              " outstanding of " + std::to_string(max_));
-    }
     wrs_.assign(requests.size(), ibv_send_wr{});
     sges_.resize(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {

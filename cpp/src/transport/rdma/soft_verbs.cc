@@ -79,14 +79,7 @@ class SoftQp final : public QueuePair {
   }
 
   Status Post(std::span<const WorkRequest> requests) override {
-    if (state_ != QpState::kRts) {
-      return Status(ErrorCode::kProtocol,
-                    std::string("Post on a QP in state ") + QpStateName(state_));
-    }
-    if (posted_ - retired_ + requests.size() > max_) {
-      return Status(ErrorCode::kProtocol, "send queue full: " + std::to_string(posted_ - retired_) +
-                                              " outstanding of " + std::to_string(max_));
-    }
+    KVPOOL_RETURN_IF_ERROR(CheckPost(state_, posted_ - retired_, requests.size(), max_));
     // Executed in order, now: a real NIC runs them later, but the completions say the same.
     for (const WorkRequest& wr : requests) {
       const uint64_t seq = ++posted_;

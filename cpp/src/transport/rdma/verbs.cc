@@ -67,6 +67,17 @@ const char* WcStatusName(WcStatus status) {
   return "?";
 }
 
+Status CheckPost(QpState state, uint64_t outstanding, size_t adding, size_t max) {
+  if (state != QpState::kRts) {
+    return Status(ErrorCode::kProtocol, std::string("Post on a QP in state ") + QpStateName(state));
+  }
+  if (outstanding + adding > max) {
+    return Status(ErrorCode::kProtocol, "send queue full: " + std::to_string(outstanding) +
+                                            " outstanding of " + std::to_string(max));
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<Device>> OpenDevice(const RdmaOptions& options,
                                            const std::string& sysfs_root) {
   KVPOOL_RETURN_IF_ERROR(ValidateRdmaOptions(options));

@@ -109,6 +109,10 @@ class QueuePair {
   virtual void Quiesce() = 0;
 };
 
+/// What every provider's Post checks first: the QP is in RTS (an error-state QP refuses new
+/// work) and `adding` more requests fit beside the `outstanding` ones under `max`.
+Status CheckPost(QpState state, uint64_t outstanding, size_t adding, size_t max);
+
 /// One opened device (or the software provider's stand-in).
 class Device {
  public:
