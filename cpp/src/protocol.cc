@@ -30,6 +30,12 @@ Status ValidateRequestHeader(const Header& h, const Limits& limits, uint32_t ver
   }
   const auto op = static_cast<uint8_t>(h.op);
   if (!IsKnownOp(op)) return Status(ErrorCode::kUnknownOp, "unknown opcode " + std::to_string(op));
+  if (h.op == Op::kAuth && version < 2) {
+    return Status(ErrorCode::kUnknownOp,
+                  "unknown opcode 8 (AUTH needs protocol version 2, the "
+                  "connection speaks " +
+                      std::to_string(version) + ")");
+  }
   const bool described = h.flags == kFlagDescribed && (h.op == Op::kPut || h.op == Op::kGet);
   if ((h.flags != 0 && !described) || h.reserved != 0 || h.status != 0) {
     return Status(ErrorCode::kBadFrame, "request has flags " + std::to_string(h.flags) +

@@ -321,5 +321,19 @@ TEST(Protocol, LimitsRoundTrip) {
   EXPECT_EQ(d.max_block_bytes, uint64_t{256} << 20);
 }
 
+// Rule: AUTH (v2) carries exactly a 32-byte proof and no count; on a v1 connection it is an
+// unknown op, as it was for v1 nodes.
+TEST(Protocol, AuthFrames) {
+  const Limits limits;
+  EXPECT_TRUE(ValidateRequestHeader(Request(Op::kAuth, 0, kAuthProofBytes), limits, 2).ok());
+  EXPECT_EQ(ValidateRequestHeader(Request(Op::kAuth, 0, 16), limits, 2).code(),
+            ErrorCode::kBadFrame);
+  EXPECT_EQ(ValidateRequestHeader(Request(Op::kAuth, 1, kAuthProofBytes), limits, 2).code(),
+            ErrorCode::kBadFrame);
+  const Status v1 = ValidateRequestHeader(Request(Op::kAuth, 0, kAuthProofBytes), limits, 1);
+  EXPECT_EQ(v1.code(), ErrorCode::kUnknownOp);
+  EXPECT_NE(v1.message().find("version 2"), std::string::npos) << v1.message();
+}
+
 }  // namespace
 }  // namespace kvpool::protocol
