@@ -27,6 +27,7 @@ import kvpool
 import pytest
 from conftest import (
     RedisProcess,
+    ServerFactory,
     ServerProcess,
     _server_args,
     child_env,
@@ -273,6 +274,31 @@ def test_engine_forced_to_tcp_loads_the_same_blocks(
     assert pool.outputs("b_tcp") == pool.outputs("ref")
     assert after["tcp"]["bytes_out"] - before["tcp"]["bytes_out"] >= worker["loaded_bytes"]
     assert after["shm"]["bytes_out"] == before["shm"]["bytes_out"]  # nothing over shared memory
+
+
+def test_an_authenticated_cluster_serves_engines_with_the_token_only(
+    pool: Pool, ref: dict[str, Any], start_node: ServerFactory
+) -> None:
+    """A node that requires a token: an engine whose connector has it stores and a second one
+    loads (same outputs as without kvpool); an engine with a wrong token is refused by the node
+    (counted there): the index still reports hits (Redis is protected by its own password), but
+    its loads fail, it recomputes, and it generates the reference tokens."""
+    token = "vllm-e2e-token-0123456789abcdef"
+    name = cluster_name("va")
+    args = ["--redis", pool.redis.url, "--cluster", name, "--lease-ttl", str(LEASE_TTL)]
+    node = start_node(memory="128MiB", extra=args, env={"KVPOOL_AUTH_TOKEN": token})
+    with Cluster(pool.redis.url, name) as c:
+        wait_until(lambda: len(c.members()) == 1, timeout=30, what="the node joined")
+    writer = pool.run("auth_a", cluster=name, extra={"auth_token": token})
+    assert writer["connector"]["worker"]["saved_blocks"] == PREFIX_BLOCKS + 3, writer["connector"]
+    wrong = pool.run("auth_wrong", cluster=name, extra={"auth_token": "not-" + token})
+    assert wrong["connector"]["worker"]["loaded_blocks"] == 0, wrong["connector"]
+    assert pool.outputs("auth_wrong") == pool.outputs("ref")
+    reader = pool.run("auth_b", cluster=name, extra={"auth_token": token})
+    assert reader["connector"]["worker"]["loaded_blocks"] == PREFIX_BLOCKS + 3
+    assert pool.outputs("auth_b") == pool.outputs("ref")
+    with kvpool.Client(node.address, auth_token=token, transport="tcp") as c:
+        assert c.stats()["auth_refused"] >= 1
 
 
 def test_openai_server_with_the_flag_answers_with_hits(
