@@ -556,7 +556,8 @@ class FrameHandler {
     if (!qp.ok()) return qp.status();
     KVPOOL_RETURN_IF_ERROR(qp.value()->Connect(client));
     *answer = rdma::EncodeQpAddress(qp.value()->address());
-    link_ = std::make_unique<RdmaLink>(fd_, std::move(qp.value()), *node_.rdma_pool, arena);
+    link_ = std::make_unique<RdmaLink>(fd_, std::move(qp.value()), *node_.rdma_pool, arena,
+                                       std::chrono::milliseconds(options_.io_timeout_ms));
     return Status::Ok();
   }
 

@@ -19,7 +19,7 @@ Status RdmaLink::PostAndWait(std::vector<rdma::WorkRequest>& wrs) {
     // Selective signalling: one completion per window; an error is reported regardless.
     for (size_t i = begin; i < end; ++i) wrs[i].signaled = i + 1 == end;
     KVPOOL_RETURN_IF_ERROR(qp_->Post(std::span(wrs).subspan(begin, end - begin)));
-    const auto deadline = net::Deadline::In(std::chrono::milliseconds(30000));
+    const auto deadline = net::Deadline::In(timeout_);
     bool done = false;
     while (!done) {
       auto n = qp_->Poll(completions_, deadline);

@@ -4,6 +4,7 @@
 // and its pins dropped by the request handler, as for any other transport error.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -14,10 +15,11 @@ namespace kvpool {
 
 class RdmaLink final : public Link {
  public:
-  /// `pool` is the node's pool region; `arena` the client's, as its offer described it.
+  /// `pool` is the node's pool region; `arena` the client's, as its offer described it;
+  /// `timeout` bounds the wait for one window's completions (the node's io_timeout).
   RdmaLink(int fd, std::unique_ptr<rdma::QueuePair> qp, const rdma::MemoryRegion& pool,
-           const rdma::MemoryRegion& arena)
-      : Link(fd), qp_(std::move(qp)), pool_(pool), arena_(arena) {}
+           const rdma::MemoryRegion& arena, std::chrono::milliseconds timeout)
+      : Link(fd), qp_(std::move(qp)), pool_(pool), arena_(arena), timeout_(timeout) {}
 
   TransportKind kind() const override { return TransportKind::kRdma; }
   Status CheckRuns(std::span<const PeerBuffer> runs) override {
@@ -40,6 +42,7 @@ class RdmaLink final : public Link {
 
   std::unique_ptr<rdma::QueuePair> qp_;
   rdma::MemoryRegion pool_, arena_;
+  std::chrono::milliseconds timeout_;
   std::vector<PeerBuffer> sorted_;
   std::vector<rdma::WorkRequest> wrs_;
   std::vector<rdma::Completion> completions_;
