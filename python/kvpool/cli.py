@@ -1,4 +1,5 @@
-"""The ``kvpool`` command line: ``kvpool server``, ``kvpool local``, ``kvpool stats``."""
+"""The ``kvpool`` command line: ``kvpool server``, ``kvpool local``, ``kvpool stats``,
+``kvpool status``, ``kvpool doctor``."""
 
 from __future__ import annotations
 
@@ -183,6 +184,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from kvpool.doctor import run_doctor
+
+    return run_doctor(
+        redis_url=args.redis,
+        cluster=args.cluster,
+        addresses=args.addresses,
+        timeout=args.timeout,
+        as_json=args.json,
+    )
+
+
 def _gib(n: int) -> str:
     """Human-readable bytes: 1.50 GiB, 12.0 MiB, 512 KiB."""
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
@@ -228,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds")
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser(
+        "doctor", help="check Redis, the cluster's members, nodes and this host; say what to fix"
+    )
+    p.add_argument("addresses", nargs="*", metavar="ADDRESS", help="more nodes (host:port)")
+    p.add_argument("--redis", help="Redis URL of the cluster (checks Redis and the members)")
+    p.add_argument("--cluster", default="default", help="cluster name (with --redis)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per network check")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the checks")
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 
