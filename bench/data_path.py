@@ -20,10 +20,11 @@ Measures, on 127.0.0.1 only:
   on the TCP socket). It measures the transport's own overhead, not hardware: besides memcpy,
   each round is interleaved with a bare process_vm_writev (PUT) / process_vm_readv (GET) of the
   same bytes between this process and a peer process, the provider's own limit (targets:
-  >= 0.6x memcpy at 256 KiB and 2 MiB, GET and PUT). Once the libibverbs provider lands, a
-  user with a real device runs ``bench/data_path.py --systems kvpool-rdma`` (or
-  ``--transport rdma``) against the link's line rate, target >= 0.8x; today the section always
-  sets the soft provider and has no line-rate denominator;
+  >= 0.6x memcpy at 256 KiB and 2 MiB, GET and PUT). A user with a real device runs
+  ``bench/data_path.py --transport rdma --rdma-provider ibverbs [--rdma-devices mlx5_0
+  --rdma-link-type IB|Ethernet --rdma-port 1]``: node and client on this host, bytes through the
+  NIC (loopback), each staging row judged against the port's line rate read from
+  ``/sys/class/infiniband/<dev>/ports/<port>/rate`` (target >= 0.8x at >= 256 KiB);
 - Redis 7 through redis-py + hiredis: pipelined SET / GET of the same blocks;
 - Mooncake Store over TCP (when ``mooncake-transfer-engine-non-cuda`` imports): master, HTTP
   metadata server and a storage process, a client with registered buffers calling
@@ -47,7 +48,7 @@ other transport moved a byte.
 
 Usage:  python bench/data_path.py [--quick] [--sizes 64KiB,256KiB,2MiB] [--threads 1,4]
             [--systems kvpool,kvpool-shm,kvpool-rdma,redis,mooncake | --transport tcp|shm|rdma]
-            [--shm-rounds 9]
+            [--shm-rounds 9] [--rdma-provider soft|ibverbs --rdma-devices LIST ...]
 Results: a table on stdout, progress on stderr, everything in bench/results/data_path.json.
 """
 
@@ -61,6 +62,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -686,12 +688,15 @@ def run_memcpy(plan: Plan, data: Data) -> dict[str, Any]:
 
 
 def start_kvpool(
-    procs: ProcessSet, plan: Plan, env: dict[str, str] | None = None
+    procs: ProcessSet,
+    plan: Plan,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[Any, str]:
     """A ``kvpool server`` (TCP and shared memory, the defaults; RDMA too where ``env`` names a
     provider) on a free port, ready."""
     argv = [sys.executable, "-m", "kvpool", "server", "--port", "0"]
-    argv += ["--memory", plan.kvpool_memory, "--log-level", "info"]
+    argv += ["--memory", plan.kvpool_memory, "--log-level", "info", *extra]
     server = procs.start("kvpool server", argv, env=env)
     m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
     address = f"{m.group(1)}:{m.group(2)}"
@@ -772,6 +777,9 @@ class ArenaTransport:
     env: dict[str, str]  # for the node and for this process while the section runs
     # Also time a bare process_vm_writev / readv of the same bytes: the soft provider's limit.
     process_vm: bool = False
+    node_args: tuple[str, ...] = ()  # more `kvpool server` flags (RDMA device selection)
+    client_kwargs: dict[str, Any] = field(default_factory=dict)  # more kvpool.Client arguments
+    line_rate_gbps: float | None = None  # the NIC port's rate (GB/s): a device's denominator
 
 
 ARENA_TRANSPORTS = {
@@ -786,6 +794,49 @@ ARENA_TRANSPORTS = {
     ),
 }
 ARENA_TARGET_SIZES = (256 << 10, 2 << 20)
+LINE_RATE_TARGET = 0.8  # x the NIC port's line rate, RDMA on a device, >= 256 KiB blocks
+
+
+def parse_port_rate(text: str) -> float:
+    """sysfs ``ports/N/rate`` ("400 Gb/sec (4X NDR)", "25 Gb/sec (1X EDR)") -> Gb/s."""
+    m = re.match(r"\s*([0-9.]+)\s*Gb/sec", text)
+    if m is None:
+        raise ValueError(f"not an RDMA port rate: {text!r}")
+    return float(m.group(1))
+
+
+def ibverbs_transport(
+    devices: str, link_type: str, port: int, sysfs: Path = Path("/sys/class/infiniband")
+) -> ArenaTransport:
+    """The kvpool-rdma section on a real device through libibverbs (node and client on this
+    host: NIC loopback), judged against the port's line rate. BenchError without a device."""
+    found = sorted(p.name for p in sysfs.iterdir()) if sysfs.is_dir() else []
+    if not found:
+        raise BenchError(
+            f"no RDMA device under {sysfs}: --rdma-provider ibverbs needs one; the default "
+            "soft provider runs anywhere"
+        )
+    device = devices.split(",")[0].split(":")[0] if devices else found[0]
+    rate_file = sysfs / device / "ports" / str(port) / "rate"
+    try:
+        gbps = parse_port_rate(rate_file.read_text()) / 8
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cannot read the line rate of {device} port {port}: {e}") from None
+    selection = {"rdma_devices": devices, "rdma_link_type": link_type, "rdma_port": port}
+    return ArenaTransport(
+        "rdma",
+        f"RDMA on {device} port {port} through the NIC (libibverbs, node and client on this host)",
+        "the TCP socket",
+        0.0,  # judged against line rate, not memcpy
+        {"KVPOOL_RDMA_PROVIDER": "ibverbs"},
+        node_args=tuple(
+            a for k, v in selection.items() if v for a in (f"--{k.replace('_', '-')}", str(v))
+        ),
+        client_kwargs={k: v for k, v in selection.items() if v},
+        line_rate_gbps=gbps,
+    )
+
+
 TCP_TARGET = 1.1  # x iperf3, one client thread
 
 
@@ -1130,11 +1181,13 @@ def bench_kvpool_arena(tr: ArenaTransport, plan: Plan, data: Data, nonce: str) -
     os.environ.update(tr.env)  # the client's side of the provider
     try:
         with ProcessSet() as procs:
-            server, address = start_kvpool(procs, plan, tr.env)
+            server, address = start_kvpool(procs, plan, tr.env, tr.node_args)
             peer = ProcessVmPeer(procs) if tr.process_vm else None
             # Two staging buffers of the largest batch, and slack for the allocator's rounding.
             arena = kvpool.StagingArena(2 * plan.batch * max(plan.sizes) + (8 << 20))
-            client = kvpool.Client(address, timeout=60.0, transport=tr.name, arena=arena)
+            client = kvpool.Client(
+                address, timeout=60.0, transport=tr.name, arena=arena, **tr.client_kwargs
+            )
             try:
                 before = client.stats()["transports"]
                 if client.transport != tr.name:
@@ -1182,6 +1235,17 @@ def bench_kvpool_arena(tr: ArenaTransport, plan: Plan, data: Data, nonce: str) -
         "cells": [asdict(c) for c in cells],
         "ratios": ratios_to("memcpy"),
         **({"ratios_process_vm": ratios_to("process_vm")} if tr.process_vm else {}),
+        **(
+            {
+                "line_rate_gbps": tr.line_rate_gbps,
+                "ratios_line_rate": {
+                    row: {str(s): by[(row, s)].gbps / tr.line_rate_gbps for s in plan.sizes}
+                    for row in arena_baselines(tr, "memcpy")
+                },
+            }
+            if tr.line_rate_gbps
+            else {}
+        ),
         "transport_bytes_moved": moved,
     }
 
@@ -1577,6 +1641,23 @@ def print_targets(
     for tr, section in arenas:
         if not section.get("available"):
             continue
+        if tr.line_rate_gbps:  # a device: judged against its port's line rate
+            for op in OPS:
+                row = f"{tr.name} {op} staging"
+                parts = [
+                    f"{format_size(s)} {r:.2f}x {'met' if r >= LINE_RATE_TARGET else 'NOT met'}"
+                    for s, r in (
+                        (s, section["ratios_line_rate"][row].get(str(s)))
+                        for s in plan.sizes
+                        if s >= ARENA_TARGET_SIZES[0]
+                    )
+                    if r is not None
+                ]
+                lines.append(
+                    f"kvpool rdma {op} x1 >= {LINE_RATE_TARGET}x line rate "
+                    f"({tr.line_rate_gbps:.1f} GB/s): " + ", ".join(parts)
+                )
+            continue
         vm = section.get("ratios_process_vm", {})
         for op in OPS:
             row = f"{tr.name} {op} staging"
@@ -1642,6 +1723,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="measured rounds of the kvpool-shm and kvpool-rdma sections (default 9, quick 3)",
     )
+    p.add_argument(
+        "--rdma-provider",
+        choices=("soft", "ibverbs"),
+        default="soft",
+        help="kvpool-rdma on the software provider (anywhere; the default) or on a real device "
+        "through libibverbs (node and client on this host, through the NIC; judged against the "
+        "port's line rate)",
+    )
+    p.add_argument("--rdma-devices", default="", help="with ibverbs: name[:gid_index],...")
+    p.add_argument("--rdma-link-type", default="Ethernet", help="with ibverbs: IB or Ethernet")
+    p.add_argument("--rdma-port", type=int, default=1, help="with ibverbs: the device port")
     p.add_argument("--json-out", default=str(DEFAULT_JSON), help="default: %(default)s")
     # Internal: the Mooncake child (inside unshare -n) and its storage process.
     hidden = argparse.SUPPRESS
@@ -1712,6 +1804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    if args.rdma_provider == "ibverbs" and "kvpool-rdma" in chosen:
+        try:
+            ARENA_TRANSPORTS["kvpool-rdma"] = ibverbs_transport(
+                args.rdma_devices, args.rdma_link_type, args.rdma_port
+            )
+        except BenchError as e:
+            raise SystemExit(f"data_path.py: {e}") from None
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)  # the Mooncake child writes beside it
     nonce = os.urandom(4).hex()
