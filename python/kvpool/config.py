@@ -355,20 +355,28 @@ class ConnectorConfig(_Settings):
 
     @classmethod
     def _seed_settings(cls, env: Mapping[str, str]) -> dict[str, Any]:
-        """AIBrix's ``AIBRIX_KV_CACHE_OL_INFINISTORE_*`` variables that mean something here:
-        the connection type and the RDMA device list and link type. The rest name an InfiniStore
-        server, which kvpool replaces by nodes found through Redis: logged as ignored."""
-        prefix = "AIBRIX_KV_CACHE_OL_INFINISTORE_"
+        """AIBrix's ``AIBRIX_KV_CACHE_OL_*`` variables that mean something here: the metadata
+        service (a Redis, which is the cluster's), the connection type, and the RDMA device list
+        and link type. The rest (an InfiniStore server's address, the L1 tier's settings, ...)
+        have no counterpart yet: logged as ignored. Each one read is logged."""
+        prefix = "AIBRIX_KV_CACHE_OL_"
         keys = {
-            "CONNECTION_TYPE": "transport",
-            "LINK_TYPE": "rdma_link_type",
-            "VISIBLE_DEV_LIST": "rdma_devices",
+            "META_SERVICE_URL": "redis_url",
+            "META_SERVICE_BACKEND": None,  # checked, maps to nothing
+            "INFINISTORE_CONNECTION_TYPE": "transport",
+            "INFINISTORE_LINK_TYPE": "rdma_link_type",
+            "INFINISTORE_VISIBLE_DEV_LIST": "rdma_devices",
         }
         out: dict[str, Any] = {}
         for var in sorted(v for v in env if v.startswith(prefix)):
-            value, key = env[var], keys.get(var[len(prefix) :])
+            what, value = var[len(prefix) :], env[var]
+            if what not in keys:
+                log.info("%s ignored: it has no counterpart in kvpool", var)
+                continue
+            key = keys[what]
             if key is None:
-                log.info("%s ignored: kvpool finds its nodes through Redis", var)
+                if value.strip().upper() != "REDIS":
+                    raise ConfigError(f"{var} = {value!r}: kvpool's metadata service is Redis")
                 continue
             if key == "transport":
                 # RDMA where nodes offer it, shared memory on the same host, TCP fallback.
@@ -377,13 +385,18 @@ class ConnectorConfig(_Settings):
                     raise ConfigError(f"{var} = {value!r}, expected RDMA or TCP")
                 value = kinds[value.strip().upper()]
             out[key] = value
-            log.info("%s read as %s = %r", var, key, value)
-        names = {"devices": prefix + "VISIBLE_DEV_LIST", "link_type": prefix + "LINK_TYPE"}
+            log.info("%s read as %s = %r", var, key, "***" if key == "redis_url" else value)
+        names = {
+            "devices": prefix + "INFINISTORE_VISIBLE_DEV_LIST",
+            "link_type": prefix + "INFINISTORE_LINK_TYPE",
+        }
         defaults = RdmaSettings()
         RdmaSettings(
             out.get("rdma_devices", defaults.devices),
             out.get("rdma_link_type", defaults.link_type),
         ).check(ConfigError, names)
+        if "redis_url" in out:
+            _check_redis_url(prefix + "META_SERVICE_URL", out["redis_url"])
         return out
 
     def validate(self) -> None:

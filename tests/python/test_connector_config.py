@@ -90,6 +90,17 @@ def test_the_seeds_infinistore_variables_map_below_kvpools_own(
     logged = caplog.text
     assert f"{AIBRIX}VISIBLE_DEV_LIST read as rdma_devices = 'mlx5_1:6,mlx5_2:7'" in logged
     assert f"{AIBRIX}HOST_ADDR ignored" in logged
+    meta = {"AIBRIX_KV_CACHE_OL_META_SERVICE_URL": "redis://:pw@meta:6379/0"}
+    meta["AIBRIX_KV_CACHE_OL_META_SERVICE_BACKEND"] = "REDIS"
+    with caplog.at_level("INFO", logger="kvpool.config"):
+        assert load(env=meta).redis_url == "redis://:pw@meta:6379/0"
+    assert "META_SERVICE_URL read as redis_url = '***'" in caplog.text
+    assert ":pw@" not in caplog.text  # the password is not logged
+    meta["AIBRIX_KV_CACHE_OL_META_SERVICE_BACKEND"] = "ETCD"
+    with pytest.raises(ConfigError, match="META_SERVICE_BACKEND = 'ETCD'.*Redis"):
+        load(env=meta)
+    with pytest.raises(ConfigError, match="META_SERVICE_URL"):
+        load(env={"AIBRIX_KV_CACHE_OL_META_SERVICE_URL": "etcd://meta:2379"})
     # kvpool's own settings win: a TOML file, KVPOOL_* and extra_config.
     toml = tmp_path / "kvpool.toml"
     toml.write_text('[connector]\nrdma_link_type = "Ethernet"\n')
