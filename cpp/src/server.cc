@@ -1,6 +1,8 @@
 #include "kvpool/server.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -70,8 +72,10 @@ struct NodeFacts {
 
 class FrameHandler {
  public:
-  FrameHandler(int fd, TransportKind listener, BlockStore& store, const NodeFacts& node)
+  FrameHandler(int fd, TransportKind listener, BlockStore& store, const NodeFacts& node,
+               std::string peer)
       : fd_(fd),
+        peer_name_(std::move(peer)),
         listener_(listener),
         store_(store),
         options_(node.options),
@@ -134,7 +138,7 @@ class FrameHandler {
   /// Answers `h` with Unauthorized, counts the refusal, and closes (the returned error).
   Status RefuseAuth(const Header& h, const std::string& why) {
     node_.auth_refused.fetch_add(1);
-    KVPOOL_LOG(kInfo, "connection refused", "reason", why);
+    KVPOOL_LOG(kInfo, "connection refused", "peer", peer_name_, "reason", why);
     return ReplyError(h, Status(ErrorCode::kUnauthorized, why));
   }
 
@@ -572,6 +576,7 @@ class FrameHandler {
   }
 
   int fd_;
+  std::string peer_name_;  // for the log: "ip:port", or "unix" for the shared-memory socket
   TransportKind listener_;
   TransportKind counted_ = listener_;
   BlockStore& store_;
@@ -629,6 +634,25 @@ std::string JsonEscape(const std::string& in) {
     if (static_cast<unsigned char>(c) >= 0x20) out += c;
   }
   return out;
+}
+
+/// The peer of a connected socket for the log: "ip:port", "[ip6]:port", or "unix".
+std::string PeerName(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return "?";
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (addr.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    return std::string(host) + ":" + std::to_string(ntohs(in->sin_port));
+  }
+  if (addr.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    return "[" + std::string(host) + "]:" + std::to_string(ntohs(in6->sin6_port));
+  }
+  return "unix";
 }
 
 std::string RandomNodeId() {
@@ -784,7 +808,8 @@ void Server::Serve(Connection* conn) {
   const NodeFacts node{options_,       stats,       node_id_,           shm_path_,
                        per_transport_, shm_mapped_, rdma_device_.get(), rdma_pool_.get(),
                        auth_refused_};
-  FrameHandler handler(conn->fd.get(), conn->listener, *store_, node);
+  const std::string peer = PeerName(conn->fd.get());
+  FrameHandler handler(conn->fd.get(), conn->listener, *store_, node, peer);
   if (conn->listener == TransportKind::kShm) {
     // Only processes of this uid (or root, or the configured uids and gids) may hand the node
     // memory to copy into. A refused peer's HELLO is still read, so that it gets the reason.
@@ -807,8 +832,8 @@ void Server::Serve(Connection* conn) {
   Status s = handler.Run();
   if (!s.ok() && !stopping_.load()) {
     if (s.code() >= ErrorCode::kProtocol) ++protocol_errors_;
-    KVPOOL_LOG(kInfo, "connection closed", "transport", TransportKindName(conn->listener), "reason",
-               s.ToString());
+    KVPOOL_LOG(kInfo, "connection closed", "transport", TransportKindName(conn->listener), "peer",
+               peer, "reason", s.ToString());
   }
   shutdown(conn->fd.get(), SHUT_RDWR);
   --per_transport_[static_cast<size_t>(handler.link_kind())].connections;
