@@ -68,7 +68,10 @@ class ClusterAgent:
         self.publish_interval = publish_interval
         self.incarnation = 0  # 0 = not joined
         self.epoch = 0
+        self.joins = 0  # successful joins (the first and every re-join)
+        self.renewals = 0  # heartbeats that renewed the lease
         self._pending: dict[bytes, bool] = {}
+        self._pending_since: float | None = None  # when the oldest unpublished update arrived
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvpool-agent", daemon=True)
 
@@ -166,7 +169,9 @@ class ClusterAgent:
             snapshot = self._server.snapshot_keys()
             for i in range(0, len(snapshot), KEY_BYTES):
                 self._pending[snapshot[i : i + KEY_BYTES]] = True
+            self._pending_since = time.monotonic() if self._pending else None
             self.incarnation, self.epoch = inc, epoch
+            self.joins += 1
             log.info(
                 "joined cluster %s as %s@%d (epoch %d, %d keys to publish)",
                 self.registry.keys.name,
@@ -189,6 +194,8 @@ class ClusterAgent:
                     "event ring overflowed (%d events lost); re-publishing all keys", dropped
                 )
                 self.incarnation = 0  # forces a join with a full snapshot
+            if added and self._pending_since is None:
+                self._pending_since = time.monotonic()
             for i, flag in enumerate(added):
                 self._pending[keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]] = flag == 1
             if len(added) < _DRAIN_BATCH:
@@ -202,10 +209,24 @@ class ClusterAgent:
             self.registry.publish(self.node_id, self.incarnation, added, removed)
             for k in batch:
                 del self._pending[k]
+        if not self._pending:
+            self._pending_since = None
 
     def _heartbeat(self) -> None:
         stats = self._server_stats()
         self.epoch = self.registry.heartbeat(self.node_id, self.incarnation, self.ttl_ms, stats)
+        self.renewals += 1
+
+    def metrics(self) -> dict[str, float]:
+        """For /metrics (read from another thread: plain reads of ints and a length)."""
+        since = self._pending_since
+        return {
+            "joined": 1.0 if self.incarnation else 0.0,
+            "backlog": float(len(self._pending)),
+            "lag_s": time.monotonic() - since if since is not None else 0.0,
+            "joins": float(self.joins),
+            "renewals": float(self.renewals),
+        }
 
     def _server_stats(self) -> dict[str, int]:
         return {

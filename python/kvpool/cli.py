@@ -52,6 +52,12 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rdma-port", dest="rdma_port", type=int, help="RDMA device port (default 1)")
     p.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        help="serve Prometheus /metrics, /healthz and /readyz on this port (default off)",
+    )
+    p.add_argument(
         "--auth-token-file",
         dest="auth_token_file",
         help="data-plane tokens, one per line, all accepted (or KVPOOL_AUTH_TOKEN)",

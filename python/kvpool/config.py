@@ -260,6 +260,10 @@ class ServerConfig(_Settings):
     #: never crosses the wire). ``auth_token_file`` holds one per line, all accepted (rotation).
     auth_token: str = ""
     auth_token_file: str = ""
+    #: Prometheus ``/metrics``, ``/healthz`` and ``/readyz`` on this port (0: off), bound to
+    #: ``metrics_host`` (default: the node's ``host``).
+    metrics_port: int = 0
+    metrics_host: str = ""
 
     def transport_list(self) -> list[str]:
         return [t.strip() for t in self.transports.split(",") if t.strip()]
@@ -270,6 +274,8 @@ class ServerConfig(_Settings):
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is outside 0..65535")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is outside 0..65535 (0: off)")
         if self.memory < 1 << 20:
             raise ConfigError(f"memory {self.memory} is below the 1 MiB minimum")
         if not 0.0 < self.high_watermark <= 1.0:

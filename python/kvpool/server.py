@@ -11,6 +11,7 @@ from typing import Any
 from kvpool import _core
 from kvpool._closing import Closing
 from kvpool.config import ServerConfig
+from kvpool.errors import ConfigError
 
 __all__ = ["LocalServer", "serve"]
 
@@ -112,39 +113,57 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     node = LocalServer(config)
-    log.info(
-        "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s, shm=%s, "
-        "auth=%s)",
-        node.address,
-        config.memory,
-        config.eviction,
-        node.stats().get("hugepages"),
-        node.shm_socket or "off",
-        f"{len(config.auth_tokens())} token(s)" if config.auth_tokens() else "off",
-    )
     agent = None
-    if config.redis:
-        from kvpool.agent import ClusterAgent
-        from kvpool.metadata import node_id_for
-
-        advertise = config.advertise or node.address
-        agent = ClusterAgent(
-            node.core,
-            redis_url=config.redis,
-            cluster=config.cluster,
-            node_id=config.node_id or node_id_for(advertise),
-            address=advertise,
-            capacity=config.memory,
-            lease_ttl=config.lease_ttl,
-            transports=node.advertised_transports(),
-        )
-        agent.start()
-    if ready is not None:
-        ready.set()
+    metrics = None
     try:
+        if config.metrics_port:
+            from kvpool.metrics import MetricsServer
+
+            host = config.metrics_host or config.host
+            try:
+                metrics = MetricsServer(node, None, host, config.metrics_port)
+            except OSError as e:
+                raise ConfigError(
+                    f"metrics_port {config.metrics_port}: cannot listen on {host}: {e.strerror}"
+                ) from None
+        if config.redis:
+            from kvpool.agent import ClusterAgent
+            from kvpool.metadata import node_id_for
+
+            advertise = config.advertise or node.address
+            agent = ClusterAgent(
+                node.core,
+                redis_url=config.redis,
+                cluster=config.cluster,
+                node_id=config.node_id or node_id_for(advertise),
+                address=advertise,
+                capacity=config.memory,
+                lease_ttl=config.lease_ttl,
+                transports=node.advertised_transports(),
+            )
+            if metrics is not None:
+                metrics.attach(agent)
+            agent.start()
+        if metrics is not None:
+            log.info("metrics on http://%s/metrics (/healthz, /readyz)", metrics.address)
+        # The ready line comes last: once it is printed, every endpoint answers.
+        log.info(
+            "kvpool server listening on %s (memory=%d bytes, eviction=%s, hugepages=%s, shm=%s, "
+            "auth=%s)",
+            node.address,
+            config.memory,
+            config.eviction,
+            node.stats().get("hugepages"),
+            node.shm_socket or "off",
+            f"{len(config.auth_tokens())} token(s)" if config.auth_tokens() else "off",
+        )
+        if ready is not None:
+            ready.set()
         sig = signal.sigwait(stop_signals)
         log.info("received %s, stopping", signal.Signals(sig).name)
     finally:
+        if metrics is not None:
+            metrics.close()
         if agent is not None:
             agent.stop()
         stats = node.stats()
