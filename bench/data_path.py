@@ -24,7 +24,10 @@ Measures, on 127.0.0.1 only:
   ``bench/data_path.py --transport rdma --rdma-provider ibverbs [--rdma-devices mlx5_0
   --rdma-link-type IB|Ethernet --rdma-port 1]``: node and client on this host, bytes through the
   NIC (loopback), each staging row judged against the port's line rate read from
-  ``/sys/class/infiniband/<dev>/ports/<port>/rate`` (target >= 0.8x at >= 256 KiB);
+  ``/sys/class/infiniband/<dev>/ports/<port>/rate`` (target >= 0.8x at >= 256 KiB; in loopback
+  the bytes cross the NIC's PCIe link in both directions, so a port faster than that link,
+  e.g. 400G on PCIe Gen4 x16, is capped by PCIe; SDR..QDR rates are signalling rates, above
+  the data rate);
 - Redis 7 through redis-py + hiredis: pipelined SET / GET of the same blocks;
 - Mooncake Store over TCP (when ``mooncake-transfer-engine-non-cuda`` imports): master, HTTP
   metadata server and a storage process, a client with registered buffers calling
@@ -441,7 +444,7 @@ class Runner:
 
     def _delete(self, keys: list[Any]) -> None:
         for chunk in chunks(keys, 256):
-            self.conns[0].delete(chunk)
+            self.conns[0].delete(list(chunk))
 
     def put_blocks(self, tag: str, size: int, count: int) -> list[Any]:
         """Untimed bulk write of blocks 0..count-1 (contents ``data.block(size, i)``)."""
@@ -780,6 +783,7 @@ class ArenaTransport:
     node_args: tuple[str, ...] = ()  # more `kvpool server` flags (RDMA device selection)
     client_kwargs: dict[str, Any] = field(default_factory=dict)  # more kvpool.Client arguments
     line_rate_gbps: float | None = None  # the NIC port's rate (GB/s): a device's denominator
+    line_rate_source: str = ""  # where it came from: the sysfs file and what it says
 
 
 ARENA_TRANSPORTS = {
@@ -797,11 +801,15 @@ ARENA_TARGET_SIZES = (256 << 10, 2 << 20)
 LINE_RATE_TARGET = 0.8  # x the NIC port's line rate, RDMA on a device, >= 256 KiB blocks
 
 
+_PORT_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*Gb/sec(?:\s*\([^()]*\))?\s*")
+
+
 def parse_port_rate(text: str) -> float:
-    """sysfs ``ports/N/rate`` ("400 Gb/sec (4X NDR)", "25 Gb/sec (1X EDR)") -> Gb/s."""
-    m = re.match(r"\s*([0-9.]+)\s*Gb/sec", text)
-    if m is None:
-        raise ValueError(f"not an RDMA port rate: {text!r}")
+    """sysfs ``ports/N/rate`` ("400 Gb/sec (4X NDR)", "25 Gb/sec (1X EDR)") -> Gb/s. ValueError
+    naming the text for anything else, a rate of 0 included (it would void every ratio)."""
+    m = _PORT_RATE.fullmatch(text)
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"not an RDMA port rate (like '400 Gb/sec (4X NDR)'): {text!r}")
     return float(m.group(1))
 
 
@@ -809,31 +817,51 @@ def ibverbs_transport(
     devices: str, link_type: str, port: int, sysfs: Path = Path("/sys/class/infiniband")
 ) -> ArenaTransport:
     """The kvpool-rdma section on a real device through libibverbs (node and client on this
-    host: NIC loopback), judged against the port's line rate. BenchError without a device."""
-    found = sorted(p.name for p in sysfs.iterdir()) if sysfs.is_dir() else []
+    host: NIC loopback), judged against the port's line rate: that of the first device in
+    ``devices`` (its name, without a GID index), else of the first device under ``sysfs`` by
+    name, kvpool's own default. BenchError, one line, before anything starts: no device, a bad
+    setting, the device not there, or no readable rate for its port."""
+    from kvpool.rdma import RdmaSettings
+
+    try:
+        RdmaSettings(devices, link_type, port).check()
+    except KVPoolError as e:
+        raise BenchError(f"--rdma-devices/--rdma-link-type/--rdma-port: {e}") from None
+    try:
+        found = sorted(p.name for p in sysfs.iterdir())
+    except OSError:
+        found = []
     if not found:
         raise BenchError(
             f"no RDMA device under {sysfs}: --rdma-provider ibverbs needs one; the default "
             "soft provider runs anywhere"
         )
-    device = devices.split(",")[0].split(":")[0] if devices else found[0]
+    device = devices.split(",")[0].split(":")[0].strip() if devices else found[0]
+    if device not in found:
+        raise BenchError(f"RDMA device {device!r} is not under {sysfs} (found: {', '.join(found)})")
     rate_file = sysfs / device / "ports" / str(port) / "rate"
     try:
-        gbps = parse_port_rate(rate_file.read_text()) / 8
-    except (OSError, ValueError) as e:
+        text = rate_file.read_text(encoding="ascii", errors="replace").strip()
+        gbit = parse_port_rate(text)
+    except OSError as e:
         raise BenchError(f"cannot read the line rate of {device} port {port}: {e}") from None
-    selection = {"rdma_devices": devices, "rdma_link_type": link_type, "rdma_port": port}
+    except ValueError as e:
+        raise BenchError(f"{rate_file}: {e}") from None
+    # The device is named to node and client even when kvpool would pick it anyway, so the
+    # bytes go where the denominator was read.
+    devices = devices or device
     return ArenaTransport(
         "rdma",
-        f"RDMA on {device} port {port} through the NIC (libibverbs, node and client on this host)",
+        f"RDMA on {device} port {port} ({link_type}, libibverbs) through the NIC (node and "
+        "client on this host: NIC loopback)",
         "the TCP socket",
         0.0,  # judged against line rate, not memcpy
         {"KVPOOL_RDMA_PROVIDER": "ibverbs"},
-        node_args=tuple(
-            a for k, v in selection.items() if v for a in (f"--{k.replace('_', '-')}", str(v))
-        ),
-        client_kwargs={k: v for k, v in selection.items() if v},
-        line_rate_gbps=gbps,
+        node_args=("--rdma-devices", devices, "--rdma-link-type", link_type)
+        + ("--rdma-port", str(port)),
+        client_kwargs={"rdma_devices": devices, "rdma_link_type": link_type, "rdma_port": port},
+        line_rate_gbps=gbit / 8,
+        line_rate_source=f"{rate_file}: {text!r} = {gbit:g} Gb/s / 8",
     )
 
 
@@ -1238,9 +1266,12 @@ def bench_kvpool_arena(tr: ArenaTransport, plan: Plan, data: Data, nonce: str) -
         **(
             {
                 "line_rate_gbps": tr.line_rate_gbps,
+                "line_rate_source": tr.line_rate_source,
+                # Staging rows only: ordinary buffers ride the TCP socket, not the NIC.
                 "ratios_line_rate": {
                     row: {str(s): by[(row, s)].gbps / tr.line_rate_gbps for s in plan.sizes}
-                    for row in arena_baselines(tr, "memcpy")
+                    for row, _, buffers in arena_rows(tr)
+                    if buffers == "staging"
                 },
             }
             if tr.line_rate_gbps
@@ -1271,7 +1302,7 @@ def run_mooncake_storage(args: argparse.Namespace) -> int:
     """--mooncake-storage: holds the store's memory in its own process until SIGTERM."""
     install_interrupt_handlers()
     os.environ.update(mooncake_env())
-    from mooncake.store import MooncakeDistributedStore
+    from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found,unused-ignore]
 
     store = MooncakeDistributedStore()
     rc = store.setup(HOST, args.mc_metadata, args.mc_segment, 16 << 20, "tcp", "", args.mc_master)
@@ -1306,7 +1337,7 @@ def _mooncake_in_netns(args: argparse.Namespace, plan: Plan) -> SystemResult:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ.update(mooncake_env())
     mc = mooncake_dir()
-    from mooncake.store import MooncakeDistributedStore
+    from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found,unused-ignore]
 
     rpc, metrics, meta = free_port(), free_port(), free_port()
     master_addr, meta_url = f"{HOST}:{rpc}", f"http://{HOST}:{meta}/metadata"
@@ -1514,7 +1545,7 @@ def arena_label(tr: ArenaTransport, row: str, op: str, buffers: str) -> str:
 
 def print_arena_tables(tr: ArenaTransport, section: dict[str, Any], plan: Plan) -> None:
     sizes = plan.sizes
-    w = 28
+    w = 32 if section.get("line_rate_gbps") else 28  # room for "(0.85x line)"
 
     def line(label: str, cells: list[str]) -> str:
         return f"{label:<40}" + "".join(f"{c:>{w}}" for c in cells)
@@ -1525,12 +1556,18 @@ def print_arena_tables(tr: ArenaTransport, section: dict[str, Any], plan: Plan) 
         return
     cm = _arena_cells(section)
     vm = section.get("ratios_process_vm", {})
+    to_line = section.get("ratios_line_rate", {})
+    line_rate = section.get("line_rate_gbps")
     print(
         f"{tr.title}, GB/s and ratio to memcpy of the same bytes"
-        f"{' (and to process_vm)' if vm else ''}: one client thread, batches of {plan.batch}, "
+        f"{' (and to process_vm)' if vm else ''}"
+        f"{' (and to the line rate, staging rows)' if line_rate else ''}: one client thread, "
+        f"batches of {plan.batch}, "
         f"median of {plan.shm_rounds} rounds, each row's rounds interleaved with the others'"
     )
     print(line("row", [format_size(s) for s in sizes]))
+    if line_rate:
+        print(line("line rate (sysfs)", [f"{line_rate:.2f} GB/s"] * len(sizes)))
     rows = arena_rows(tr)
     for row, op, buffers in rows:
         out = []
@@ -1543,7 +1580,9 @@ def print_arena_tables(tr: ArenaTransport, section: dict[str, Any], plan: Plan) 
             ratio = section["ratios"].get(row, {}).get(str(s))
             text += f" {ratio:.2f}x" if ratio is not None else ""
             ratio = vm.get(row, {}).get(str(s))
-            out.append(text + (f" ({ratio:.2f}x vm)" if ratio is not None else ""))
+            text += f" ({ratio:.2f}x vm)" if ratio is not None else ""
+            ratio = to_line.get(row, {}).get(str(s))
+            out.append(text + (f" ({ratio:.2f}x line)" if ratio is not None else ""))
         print(line(arena_label(tr, row, op, buffers), out))
     print()
     print(f"{tr.title}, batch latency p50 / p99 ms")
@@ -1646,6 +1685,7 @@ def print_targets(
                 row = f"{tr.name} {op} staging"
                 parts = [
                     f"{format_size(s)} {r:.2f}x {'met' if r >= LINE_RATE_TARGET else 'NOT met'}"
+                    f" ({section['ratios'][row][str(s)]:.2f}x memcpy)"
                     for s, r in (
                         (s, section["ratios_line_rate"][row].get(str(s)))
                         for s in plan.sizes
@@ -1680,8 +1720,8 @@ def print_targets(
         print()
     steal = report.get("host_steal_fraction", {})
     if steal:
-        parts = ", ".join(f"{name} {frac:.1%}" for name, frac in steal.items())
-        print(f"Host steal time (CPU the hypervisor gave to other guests) per section: {parts}")
+        shown = ", ".join(f"{name} {frac:.1%}" for name, frac in steal.items())
+        print(f"Host steal time (CPU the hypervisor gave to other guests) per section: {shown}")
         print()
 
 
