@@ -12,7 +12,6 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <sstream>
 #include <system_error>
 #include <vector>
@@ -655,16 +654,6 @@ std::string PeerName(int fd) {
   return "unix";
 }
 
-std::string RandomNodeId() {
-  std::random_device rd;
-  std::string id(16, '\0');
-  for (size_t i = 0; i < id.size(); i += 4) {
-    const uint32_t r = rd();
-    std::memcpy(id.data() + i, &r, 4);
-  }
-  return id;
-}
-
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
@@ -718,7 +707,7 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   server->shm_path_ = shm_path;
   server->wake_[0] = wake[0];
   server->wake_[1] = wake[1];
-  server->node_id_ = RandomNodeId();
+  server->node_id_ = auth::RandomNonce();  // 16 random bytes, new at every start
   if (want_rdma && options.limits.version >= 2) {
     // No device is no error: the node says why, once, and serves TCP and shared memory.
     auto device = rdma::OpenDevice(options.rdma);

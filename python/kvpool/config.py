@@ -69,10 +69,13 @@ def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 
 
-def read_auth_tokens(token: str, token_file: str, *, key: str = "auth_token") -> list[str]:
+def read_auth_tokens(
+    token: str, token_file: str, *, key: str = "auth_token", warn: bool = True
+) -> list[str]:
     """The data-plane tokens of ``token`` and of each non-empty line of ``token_file`` (a node
     accepts them all, for rotation; a client proves the first). ConfigError naming the file when
-    it cannot be read, and a warning for a token shorter than 16 bytes."""
+    it cannot be read, and (``warn``) a warning for a token shorter than 16 bytes: validation
+    reads without warning, the one place that uses the tokens warns."""
     tokens = [token] if token else []
     if token_file:
         try:
@@ -86,7 +89,7 @@ def read_auth_tokens(token: str, token_file: str, *, key: str = "auth_token") ->
     for t in tokens:
         if t != t.strip() or len(t.encode()) > 4096:
             raise ConfigError(f"{key}: a token must be 1..4096 bytes without surrounding spaces")
-        if len(t.encode()) < 16:
+        if warn and len(t.encode()) < 16:
             log.warning(
                 "%s is %d bytes long: use at least 16 random bytes (e.g. openssl rand -hex 32)",
                 key,
@@ -312,10 +315,10 @@ class ServerConfig(_Settings):
             if any(not 0 <= i < 1 << 32 for i in ids):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not a comma list of ids")
         self.rdma().check(ConfigError)
-        self.auth_tokens()
+        self.auth_tokens(warn=False)
 
-    def auth_tokens(self) -> list[str]:
-        return read_auth_tokens(self.auth_token, self.auth_token_file)
+    def auth_tokens(self, *, warn: bool = True) -> list[str]:
+        return read_auth_tokens(self.auth_token, self.auth_token_file, warn=warn)
 
     def rdma(self) -> RdmaSettings:
         return RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port)
@@ -416,9 +419,9 @@ class ConnectorConfig(_Settings):
         RdmaSettings(self.rdma_devices, self.rdma_link_type, self.rdma_port, self.rdma_gpu).check(
             ConfigError
         )
-        self.token()
+        self.token(warn=False)
 
-    def token(self) -> str:
+    def token(self, *, warn: bool = True) -> str:
         """The data-plane token to prove ("" for none)."""
-        tokens = read_auth_tokens(self.auth_token, self.auth_token_file)
+        tokens = read_auth_tokens(self.auth_token, self.auth_token_file, warn=warn)
         return tokens[0] if tokens else ""

@@ -118,11 +118,11 @@ class NodeCollector:
 
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: a free one), served
-    by a thread of their own."""
+    by a thread of their own; :meth:`attach` adds the cluster agent once there is one."""
 
-    def __init__(self, node: Any, agent: Any, host: str, port: int) -> None:
+    def __init__(self, node: Any, host: str, port: int) -> None:
         registry = CollectorRegistry()
-        self._collector = NodeCollector(node, agent)
+        self._collector = NodeCollector(node)
         registry.register(self._collector)
         outer = self
 
@@ -149,7 +149,8 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("%s " + format, self.address_string(), *args)
 
-        self._node, self._agent = node, agent
+        self._node: Any = node
+        self._agent: Any = None
         self._http = ThreadingHTTPServer((host, port), Handler)
         self._http.daemon_threads = True
         self.address = f"{host}:{self._http.server_address[1]}"

@@ -121,7 +121,7 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
 
             host = config.metrics_host or config.host
             try:
-                metrics = MetricsServer(node, None, host, config.metrics_port)
+                metrics = MetricsServer(node, host, config.metrics_port)
             except OSError as e:
                 raise ConfigError(
                     f"metrics_port {config.metrics_port}: cannot listen on {host}: {e.strerror}"
@@ -155,7 +155,7 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
             config.eviction,
             node.stats().get("hugepages"),
             node.shm_socket or "off",
-            f"{len(config.auth_tokens())} token(s)" if config.auth_tokens() else "off",
+            f"{n} token(s)" if (n := len(config.auth_tokens(warn=False))) else "off",
         )
         if ready is not None:
             ready.set()

@@ -230,8 +230,17 @@ def test_token_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     with pytest.raises(ConfigError, match="holds no token"):
         ServerConfig(auth_token_file=str(tmp_path / "empty")).validate()
     with caplog.at_level("WARNING", logger="kvpool.config"):
-        ServerConfig(auth_token="short").validate()
-    assert "5 bytes long: use at least 16 random bytes" in caplog.text
+        short = ServerConfig(auth_token="short")
+        short.validate()  # checks without warning: the place that uses the tokens warns
+        assert caplog.text == ""
+        assert short.auth_tokens() == ["short"]
+    assert caplog.text.count("5 bytes long: use at least 16 random bytes") == 1
+
+
+def test_a_short_token_is_warned_about_once(start_node: ServerFactory) -> None:
+    node = start_node(env={"KVPOOL_AUTH_TOKEN": "short"})
+    assert node.stderr.count("auth_token is 5 bytes long") == 1, node.stderr
+    assert "auth=1 token(s)" in node.stderr
 
 
 def test_a_node_that_cannot_prove_the_token_gets_nothing() -> None:
