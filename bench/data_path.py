@@ -690,6 +690,51 @@ def run_memcpy(plan: Plan, data: Data) -> dict[str, Any]:
 # kvpool and Redis (in this process)
 
 
+@dataclass
+class NodeOptions:
+    """How every ``kvpool server`` of the run is started (``--node-python``, ``--auth``,
+    ``--node-metrics``): to measure what a build or a feature costs, run twice and compare."""
+
+    python: str = sys.executable
+    auth_token: str = ""  # also in this process's KVPOOL_AUTH_TOKEN, for the clients
+    scrape_interval: float = 0.0  # > 0: a metrics port on each node, scraped this often
+    scrapers: list[Scraper] = field(default_factory=list)
+
+
+class Scraper:
+    """GETs a node's /metrics every ``interval`` seconds until closed; counts and times it."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url, self.interval = url, interval
+        self.scrapes, self.seconds, self.failures = 0, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self.interval):
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                self.scrapes += 1
+                self.seconds += time.perf_counter() - t0
+            except OSError:
+                self.failures += 1
+
+    def close(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(10)
+        mean = self.seconds / self.scrapes * 1e3 if self.scrapes else None
+        return {"url": self.url, "scrapes": self.scrapes, "failures": self.failures,
+                "mean_ms": mean}  # fmt: skip
+
+
+NODE = NodeOptions()
+
+
 def start_kvpool(
     procs: ProcessSet,
     plan: Plan,
@@ -697,13 +742,24 @@ def start_kvpool(
     extra: Sequence[str] = (),
 ) -> tuple[Any, str]:
     """A ``kvpool server`` (TCP and shared memory, the defaults; RDMA too where ``env`` names a
-    provider) on a free port, ready."""
-    argv = [sys.executable, "-m", "kvpool", "server", "--port", "0"]
+    provider) on a free port, ready; started as ``NODE`` says."""
+    argv = [NODE.python, "-m", "kvpool", "server", "--port", "0"]
     argv += ["--memory", plan.kvpool_memory, "--log-level", "info", *extra]
+    env = dict(env or {})
+    if NODE.auth_token:
+        env["KVPOOL_AUTH_TOKEN"] = NODE.auth_token
+    metrics_port = free_port() if NODE.scrape_interval > 0 else 0
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port)]
     server = procs.start("kvpool server", argv, env=env)
     m = server.wait_for_line(r"listening on ([0-9.]+):(\d+)", timeout=120)
     address = f"{m.group(1)}:{m.group(2)}"
     log(f"kvpool server pid {server.pid} on {address} ({plan.kvpool_memory})")
+    if metrics_port:
+        server.wait_for_line(r"metrics on http://", timeout=60)
+        url = f"http://{HOST}:{metrics_port}/metrics"
+        NODE.scrapers.append(Scraper(url, NODE.scrape_interval))
+        log(f"  scraping {url} every {NODE.scrape_interval:g}s")
     return server, address
 
 
@@ -1774,6 +1830,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdma-devices", default="", help="with ibverbs: name[:gid_index],...")
     p.add_argument("--rdma-link-type", default="Ethernet", help="with ibverbs: IB or Ethernet")
     p.add_argument("--rdma-port", type=int, default=1, help="with ibverbs: the device port")
+    p.add_argument(
+        "--node-python",
+        default=sys.executable,
+        help="the interpreter that runs every kvpool server (a venv with another build of "
+        "kvpool, for an A/B run; default: this one)",
+    )
+    p.add_argument(
+        "--auth", action="store_true", help="nodes and clients use a data-plane auth token"
+    )
+    p.add_argument(
+        "--node-metrics",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="give every node a metrics port and scrape /metrics this often (0: no metrics port)",
+    )
     p.add_argument("--json-out", default=str(DEFAULT_JSON), help="default: %(default)s")
     # Internal: the Mooncake child (inside unshare -n) and its storage process.
     hidden = argparse.SUPPRESS
@@ -1837,6 +1909,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mooncake_only(args, plan)
 
     install_interrupt_handlers()
+    NODE.python = args.node_python
+    NODE.scrape_interval = args.node_metrics
+    if args.auth:
+        NODE.auth_token = os.environ["KVPOOL_AUTH_TOKEN"] = "bench-" + os.urandom(16).hex()
     if args.transport and args.systems:
         raise SystemExit("give --systems or --transport, not both")
     wanted = TRANSPORT_SYSTEMS[args.transport] if args.transport else args.systems
@@ -1868,6 +1944,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 plan,
             ),
             "units": "GB/s with GB = 1e9 bytes; latency per batch in ms",
+            "nodes": {
+                "python": NODE.python,
+                "auth": bool(NODE.auth_token),
+                "scrape_interval_s": NODE.scrape_interval,
+            },  # fmt: skip
         }
     }
     log(f"iperf3: one stream over loopback for {plan.iperf_seconds}s")
@@ -1922,6 +2003,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["systems"] = {name: asdict(r) for name, r in systems.items()}
     report["ratios"] = ratios(report, systems)
     report["meta"]["duration_s"] = round(time.time() - started, 1)
+    report["meta"]["nodes"]["scrapes"] = scrapes = [sc.close() for sc in NODE.scrapers]
+    if scrapes:
+        n = sum(sc["scrapes"] for sc in scrapes)
+        failed = sum(sc["failures"] for sc in scrapes)
+        log(f"metrics: {n} scrapes of {len(scrapes)} nodes during the run, {failed} failed")
     out.write_text(json.dumps(report, indent=1))
     print_tables(report, systems, plan)
     print(f"JSON: {out}  ({report['meta']['duration_s']:.0f}s)")

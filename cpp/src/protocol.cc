@@ -9,6 +9,12 @@ bool IsKnownOp(uint8_t op) {
   return op >= static_cast<uint8_t>(Op::kHello) && op <= static_cast<uint8_t>(Op::kAuth);
 }
 
+const char* OpName(uint8_t op) {
+  static constexpr const char* kNames[] = {"unknown",      "hello",  "put",   "get", "exists",
+                                           "match_prefix", "delete", "stats", "auth"};
+  return IsKnownOp(op) ? kNames[op] : kNames[0];
+}
+
 void AppendExt(std::string& out, Ext type, std::string_view value) {
   uint8_t head[kExtHeaderBytes] = {};
   const auto t = static_cast<uint16_t>(type);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -33,6 +34,7 @@ struct Server::Connection {
   net::Fd fd;
   TransportKind listener = TransportKind::kTcp;  // the socket it arrived on
   std::thread thread;
+  size_t shard = 0;  // which copy of the request counters it writes
   std::atomic<bool> done{false};
 };
 
@@ -67,6 +69,7 @@ struct NodeFacts {
   rdma::Device* rdma_device;          ///< null: RDMA not served
   const rdma::MemoryRegion* rdma_pool;
   std::atomic<uint64_t>& auth_refused;
+  Server::OpTable& ops;  ///< this connection's shard of the request counters
 };
 
 class FrameHandler {
@@ -97,16 +100,25 @@ class FrameHandler {
       if (s.code() == ErrorCode::kClosed && !in_frame_) return Status::Ok();
       if (!s.ok()) return s;
       const Header h = protocol::DecodeHeader(raw);
+      const auto started = std::chrono::steady_clock::now();
       deadline_ = net::Deadline::In(std::chrono::milliseconds(options_.io_timeout_ms));
+      op_bytes_ = 0;
       s = protocol::ValidateRequestHeader(h, options_.limits, version_);
       if (s.ok() && !hello_done_ && h.op != Op::kHello) {
         s = Status(ErrorCode::kHandshakeRequired, "the first frame must be HELLO");
       }
       if (s.ok() && hello_done_ && !authed_ && h.op != Op::kAuth) {
-        return RefuseAuth(h, "this node requires authentication: AUTH must follow HELLO");
+        s = RefuseAuth(h, "this node requires authentication: AUTH must follow HELLO");
+        Count(h, false, started);
+        return s;
       }
-      if (!s.ok()) return ReplyError(h, s);
+      if (!s.ok()) {
+        s = ReplyError(h, s);
+        Count(h, false, started);
+        return s;
+      }
       s = Dispatch(h);
+      Count(h, s.ok(), started);
       if (!s.ok()) return s;
     }
   }
@@ -139,6 +151,28 @@ class FrameHandler {
     node_.auth_refused.fetch_add(1);
     KVPOOL_LOG(kInfo, "connection refused", "peer", peer_name_, "reason", why);
     return ReplyError(h, Status(ErrorCode::kUnauthorized, why));
+  }
+
+  /// Counts one request under its op and the connection's transport.
+  void Count(const Header& h, bool ok, std::chrono::steady_clock::time_point started) {
+    const auto op = static_cast<uint8_t>(h.op);
+    Server::OpCounters& c =
+        node_.ops[protocol::IsKnownOp(op) ? op : 0][static_cast<size_t>(counted_)];
+    const auto us = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                              std::chrono::steady_clock::now() - started)
+                                              .count());
+    constexpr auto relaxed = std::memory_order_relaxed;
+    c.requests.fetch_add(1, relaxed);
+    if (ok) {
+      c.keys.fetch_add(h.count, relaxed);
+      c.bytes.fetch_add(op_bytes_, relaxed);
+    } else {
+      c.errors.fetch_add(1, relaxed);
+    }
+    c.latency_sum_us.fetch_add(us, relaxed);
+    const auto& bounds = Server::kLatencyBoundsUs;
+    const auto bucket = std::lower_bound(bounds.begin(), bounds.end(), us) - bounds.begin();
+    c.latency[static_cast<size_t>(bucket)].fetch_add(1, relaxed);
   }
 
   Status ReadHeader(uint8_t* raw) {
@@ -437,6 +471,7 @@ class FrameHandler {
       if (peer_[i].described()) copied += peer_[i].size;
       if (!committed[c++]) status_[i] = static_cast<uint8_t>(protocol::PutStatus::kExists);
     }
+    op_bytes_ = moved;
     auto& counters = node_.counters[static_cast<size_t>(link_->kind())];
     counters.bytes_in += moved;
     counters.copied_in += copied;
@@ -512,6 +547,7 @@ class FrameHandler {
     Status s = link_->Push(head, blocks_, peer_, deadline_);
     store_.Unpin(unpin_);
     if (s.ok()) {
+      op_bytes_ = moved;
       auto& counters = node_.counters[static_cast<size_t>(link_->kind())];
       counters.bytes_out += moved;
       counters.copied_out += copied;
@@ -589,7 +625,8 @@ class FrameHandler {
   bool hello_done_ = false;
   bool in_frame_ = false;
   uint32_t version_ = 0;
-  bool authed_;                            // true once AUTH passed, or when the node has no tokens
+  uint64_t op_bytes_ = 0;  // payload bytes the current request moved (PUT stored, GET sent)
+  bool authed_;            // true once AUTH passed, or when the node has no tokens
   std::string client_nonce_, node_nonce_;  // this connection's challenge
   net::Deadline deadline_ = net::Deadline::Never();
   std::vector<uint8_t> hello_body_, table_, status_;
@@ -740,7 +777,11 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
 
 Server::Server(const ServerOptions& options, std::unique_ptr<BlockStore> store, int listen_fd,
                uint16_t port)
-    : options_(options), store_(std::move(store)), listen_fd_(listen_fd), port_(port) {}
+    : options_(options),
+      store_(std::move(store)),
+      listen_fd_(listen_fd),
+      port_(port),
+      ops_(std::make_unique<std::array<OpTable, kOpShards>>()) {}
 
 Server::~Server() { Stop(); }
 
@@ -780,6 +821,7 @@ void Server::Admit(int fd, TransportKind listener) {
   auto conn = std::make_unique<Connection>();
   conn->fd = net::Fd(fd);
   conn->listener = listener;
+  conn->shard = accepted_.load() % kOpShards;
   Connection* c = conn.get();
   try {
     c->thread = std::thread([this, c] { Serve(c); });
@@ -794,9 +836,11 @@ void Server::Admit(int fd, TransportKind listener) {
 
 void Server::Serve(Connection* conn) {
   const std::function<std::string()> stats = [this] { return StatsJson(); };
-  const NodeFacts node{options_,       stats,       node_id_,           shm_path_,
-                       per_transport_, shm_mapped_, rdma_device_.get(), rdma_pool_.get(),
-                       auth_refused_};
+  const NodeFacts node{options_,           stats,
+                       node_id_,           shm_path_,
+                       per_transport_,     shm_mapped_,
+                       rdma_device_.get(), rdma_pool_.get(),
+                       auth_refused_,      (*ops_)[conn->shard]};
   const std::string peer = PeerName(conn->fd.get());
   FrameHandler handler(conn->fd.get(), conn->listener, *store_, node, peer);
   if (conn->listener == TransportKind::kShm) {
@@ -903,6 +947,42 @@ std::string Server::StatsJson() const {
        << ",\"copied_in\":" << t.copied_in.load() << ",\"copied_out\":" << t.copied_out.load()
        << "}";
     first = false;
+  }
+  os << "},\"latency_bounds_us\":[";
+  for (size_t i = 0; i < kLatencyBoundsUs.size(); ++i) os << (i ? "," : "") << kLatencyBoundsUs[i];
+  os << "],\"ops\":{";
+  first = true;
+  for (size_t op = 0; op < kOpSlots; ++op) {
+    bool op_open = false;
+    for (TransportKind kind : {TransportKind::kTcp, TransportKind::kShm, TransportKind::kRdma}) {
+      // The sum over shards; a pair that saw no request is left out.
+      const size_t t = static_cast<size_t>(kind);
+      uint64_t requests = 0, errors = 0, keys = 0, bytes = 0, sum_us = 0;
+      std::array<uint64_t, kLatencyBoundsUs.size() + 1> latency{};
+      for (const OpTable& shard : *ops_) {
+        const OpCounters& c = shard[op][t];
+        requests += c.requests.load(std::memory_order_relaxed);
+        errors += c.errors.load(std::memory_order_relaxed);
+        keys += c.keys.load(std::memory_order_relaxed);
+        bytes += c.bytes.load(std::memory_order_relaxed);
+        sum_us += c.latency_sum_us.load(std::memory_order_relaxed);
+        for (size_t b = 0; b < latency.size(); ++b) {
+          latency[b] += c.latency[b].load(std::memory_order_relaxed);
+        }
+      }
+      if (requests == 0) continue;
+      os << (op_open ? ","
+                     : std::string(first ? "" : ",") + "\"" +
+                           protocol::OpName(static_cast<uint8_t>(op)) + "\":{")
+         << "\"" << TransportKindName(kind) << "\":{\"requests\":" << requests
+         << ",\"errors\":" << errors << ",\"keys\":" << keys << ",\"bytes\":" << bytes
+         << ",\"latency_sum_us\":" << sum_us << ",\"latency\":[";
+      for (size_t b = 0; b < latency.size(); ++b) os << (b ? "," : "") << latency[b];
+      os << "]}";
+      op_open = true;
+      first = false;
+    }
+    if (op_open) os << "}";
   }
   os << "}}";
   return os.str();

@@ -191,14 +191,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from kvpool.doctor import run_doctor
+    from kvpool.doctor import EngineSpec, run_doctor
 
+    engine = None
+    if args.model:
+        engine = EngineSpec(
+            model=args.model,
+            block_size=args.block_size,
+            tensor_parallel_size=args.tensor_parallel_size,
+            dtype=args.dtype,
+            kv_cache_dtype=args.kv_cache_dtype,
+            model_id=args.model_id,
+        )
     return run_doctor(
         redis_url=args.redis,
         cluster=args.cluster,
         addresses=args.addresses,
         timeout=args.timeout,
         as_json=args.json,
+        engine=engine,
     )
 
 
@@ -256,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default="default", help="cluster name (with --redis)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per network check")
     p.add_argument("--json", action="store_true", help="print a JSON list of the checks")
+    g = p.add_argument_group(
+        "connector namespace", "with --model: the block-key namespace of an engine on this host"
+    )
+    g.add_argument("--model", help="the model as given to vllm serve (a local directory or name)")
+    g.add_argument("--model-id", default="", help="the connector's model_id setting, if set")
+    g.add_argument("--block-size", type=int, help="vllm serve --block-size")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm serve -tp")
+    g.add_argument("--dtype", default="auto", help="vllm serve --dtype")
+    g.add_argument("--kv-cache-dtype", default="auto", help="vllm serve --kv-cache-dtype")
     p.set_defaults(func=_cmd_doctor)
     return parser
 

@@ -35,9 +35,11 @@ from kvpool.errors import (
 __all__ = [
     "CLOCK_SKEW_WARN_S",
     "Check",
+    "EngineSpec",
     "cuda_check",
     "format_checks",
     "hugepages_check",
+    "namespace_checks",
     "node_checks",
     "parse_meminfo",
     "rdma_checks",
@@ -679,18 +681,79 @@ def _host_checks() -> list[Check]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The connector's namespace
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What decides an engine's block-key namespace, as ``vllm serve`` flags name it."""
+
+    model: str
+    block_size: int | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    model_id: str = ""  # the connector's model_id setting (default: the model as given)
+
+
+def namespace_checks(spec: EngineSpec) -> list[Check]:
+    """One line per TP rank: the namespace (and its fingerprint, the first link of every block
+    key) that the connector of an engine started with ``spec`` uses on this host. Engines share
+    blocks exactly when these lines agree; compare them across hosts to see why hits are missing."""
+    name = "connector.namespace"
+    # vLLM logs to stdout by default: keep the report (and --json) the only thing there.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError as e:
+        return [_warn(name, f"vllm does not import here ({e})", "run doctor where the engine runs")]
+    from kvpool.vllm.connector import connector_namespace
+
+    try:
+        config = EngineArgs(
+            model=spec.model,
+            block_size=spec.block_size,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            dtype=spec.dtype,  # type: ignore[arg-type]
+            kv_cache_dtype=spec.kv_cache_dtype,  # type: ignore[arg-type]
+        ).create_engine_config()
+    except Exception as e:  # noqa: BLE001 - vLLM's own reason is the detail
+        return [_fail(name, f"vLLM refuses the engine settings: {e}", "fix the model or flags")]
+    out = []
+    for rank in range(spec.tensor_parallel_size):
+        ns = connector_namespace(config, spec.model_id, rank)
+        fields = (
+            f"model {ns.model!r}, revision {ns.revision or '-'}, dtype {ns.dtype}, "
+            f"layout {ns.kv_layout}, backend {ns.attention_backend}, "
+            f"{ns.block_tokens}-token blocks, tp {ns.tp_rank}/{ns.tp_size}"
+        )
+        out.append(_ok(f"{name} rank {rank}", f"{ns.fingerprint().hex()} ({fields})"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Putting it together
 
 
 def run_checks(
-    *, redis_url: str | None, cluster: str, addresses: Sequence[str], timeout: float
+    *,
+    redis_url: str | None,
+    cluster: str,
+    addresses: Sequence[str],
+    timeout: float,
+    engine: EngineSpec | None = None,
 ) -> list[Check]:
-    """Every check, in report order: Redis and the cluster, the nodes, this host. Raises
-    :class:`kvpool.KVPoolError` only for bad arguments (exit code 2)."""
+    """Every check, in report order: Redis and the cluster, the nodes, this host, and the
+    connector's namespace for ``engine``. Raises :class:`kvpool.KVPoolError` only for bad
+    arguments (exit code 2)."""
     from kvpool.client import parse_address
 
     if timeout <= 0:
         raise InvalidArgumentError(f"--timeout {timeout} must be > 0")
+    if engine is not None and engine.tensor_parallel_size < 1:
+        raise InvalidArgumentError(
+            f"--tensor-parallel-size {engine.tensor_parallel_size} must be >= 1"
+        )
     for a in addresses:
         parse_address(a)
     checks: list[Check] = []
@@ -729,6 +792,8 @@ def run_checks(
         for got in per_node:
             checks += got
     checks += _host_checks()
+    if engine is not None:
+        checks += _guarded("connector.namespace", lambda: namespace_checks(engine))
     if redis_url:  # whatever quoted the URL, its password never reaches the report
         checks = [Check(c.status, c.check, _scrub(c.detail, redis_url), c.advice) for c in checks]
     return checks
@@ -753,11 +818,14 @@ def run_doctor(
     addresses: Sequence[str],
     timeout: float,
     as_json: bool,
+    engine: EngineSpec | None = None,
     out: TextIO | None = None,
 ) -> int:
     """``kvpool doctor``: prints the report; 1 when any check failed, else 0."""
     stream = out if out is not None else sys.stdout
-    checks = run_checks(redis_url=redis_url, cluster=cluster, addresses=addresses, timeout=timeout)
+    checks = run_checks(
+        redis_url=redis_url, cluster=cluster, addresses=addresses, timeout=timeout, engine=engine
+    )
     if as_json:
         print(json.dumps([c.as_dict() for c in checks], indent=2), file=stream)
     else:

@@ -16,7 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 log = logging.getLogger("kvpool.metrics")
 
@@ -53,6 +58,43 @@ _TRANSPORT_COUNTERS = {
     "copied_out": "GET bytes the node copied into the peer's memory.",
 }
 
+# STATS "ops" counters, per op and transport.
+_OP_COUNTERS = {
+    "requests": ("kvpool_requests", "Requests (frames whose header arrived), by op and transport."),
+    "errors": (
+        "kvpool_request_errors",
+        "Requests answered with an error or cut off mid-frame (each closes its connection).",
+    ),
+    "keys": ("kvpool_request_keys", "Keys named by requests that succeeded."),
+    "bytes": ("kvpool_request_bytes", "Payload bytes moved by requests (PUT stored, GET sent)."),
+}
+
+
+def _op_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
+    ops: dict[str, dict[str, dict[str, Any]]] = stats.get("ops", {})
+    labels = ["op", "transport"]
+    for key, (name, doc) in _OP_COUNTERS.items():
+        c = CounterMetricFamily(name, doc, labels=labels)
+        for op, per_transport in ops.items():
+            for t, v in per_transport.items():
+                c.add_metric([op, t], float(v[key]))
+        yield c
+    bounds = [b / 1e6 for b in stats.get("latency_bounds_us", [])]
+    h = HistogramMetricFamily(
+        "kvpool_request_duration_seconds",
+        "Time from a request's header arriving to its reply sent, by op and transport.",
+        labels=labels,
+    )
+    for op, per_transport in ops.items():
+        for t, v in per_transport.items():
+            running = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip([*map(str, bounds), "+Inf"], v["latency"], strict=True):
+                running += count
+                buckets.append((bound, float(running)))
+            h.add_metric([op, t], buckets, sum_value=v["latency_sum_us"] / 1e6)
+    yield h
+
 
 class NodeCollector:
     """Reads the node (and its cluster agent, when it has one) at every scrape."""
@@ -86,6 +128,7 @@ class NodeCollector:
             for t, v in transports.items():
                 c.add_metric([t], float(v[key]))
             yield c
+        yield from _op_metrics(stats)
         if self._agent is not None:
             yield from self._agent_metrics(self._agent.metrics())
 
@@ -118,9 +161,12 @@ class NodeCollector:
 
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: a free one), served
-    by a thread of their own; :meth:`attach` adds the cluster agent once there is one."""
+    by a thread of their own; :meth:`attach` adds the cluster agent once there is one. With
+    ``clustered``, the node is not ready until an agent is attached and has joined (the endpoint
+    is up before the agent exists)."""
 
-    def __init__(self, node: Any, host: str, port: int) -> None:
+    def __init__(self, node: Any, host: str, port: int, *, clustered: bool = False) -> None:
+        self._clustered = clustered
         registry = CollectorRegistry()
         self._collector = NodeCollector(node)
         registry.register(self._collector)
@@ -170,7 +216,9 @@ class MetricsServer:
             self._node.stats()
         except Exception as e:  # noqa: BLE001 - a stopped node is simply not ready
             return f"node not serving: {e}"
-        if self._agent is not None and not self._agent.incarnation:
+        if (self._clustered or self._agent is not None) and not (
+            self._agent is not None and self._agent.incarnation
+        ):
             return "not a member of the cluster yet (Redis unreachable, or joining)"
         return ""
 

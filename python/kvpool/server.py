@@ -121,7 +121,9 @@ def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
 
             host = config.metrics_host or config.host
             try:
-                metrics = MetricsServer(node, host, config.metrics_port)
+                metrics = MetricsServer(
+                    node, host, config.metrics_port, clustered=bool(config.redis)
+                )
             except OSError as e:
                 raise ConfigError(
                     f"metrics_port {config.metrics_port}: cannot listen on {host}: {e.strerror}"

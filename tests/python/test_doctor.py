@@ -265,7 +265,12 @@ def test_rdma_over_the_software_provider(start_node: ServerFactory) -> None:
 
 
 def test_bad_arguments_exit_2(redis_server: RedisProcess) -> None:
-    for args in (["not-an-address"], ["--timeout", "0"], ["--redis", "ftp://x"]):
+    for args in (
+        ["not-an-address"],
+        ["--timeout", "0"],
+        ["--redis", "ftp://x"],
+        ["--model", "m", "--tensor-parallel-size", "0"],
+    ):
         r = run_kvpool(["doctor", *args])
         assert r.returncode == 2 and r.stderr.startswith("kvpool: error:"), (args, r.stderr)
     r = run_kvpool(["doctor", "--redis", redis_server.url, "--cluster", "a/b"])

@@ -33,11 +33,13 @@ from conftest import (
     child_env,
     cluster_name,
     free_port,
+    run_kvpool,
     wait_until,
 )
 from kvpool.cluster import Cluster
 from kvpool.keys import Namespace, block_keys
 from kvpool.vllm.runner import kv_transfer_config
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.vllm
 
@@ -347,6 +349,26 @@ def test_openai_server_with_the_flag_answers_with_hits(
         )
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())
+        # The connector's counters in vLLM's own /metrics (the stats reach the API server's
+        # loggers with the engine's next stats update).
+        hit = full_blocks_before_last_token(pool.prompts[0])
+
+        def kvpool_metrics() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            return {
+                s.name: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name.startswith("vllm:kvpool_") and not s.labels.get("le")
+            }
+
+        wait_until(
+            lambda: kvpool_metrics().get("vllm:kvpool_loaded_blocks_total") == hit,
+            timeout=30,
+            what="kvpool counters in vLLM's /metrics",
+        )
+        metrics = kvpool_metrics()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -362,6 +384,36 @@ def test_openai_server_with_the_flag_answers_with_hits(
     assert cached == full_blocks_before_last_token(pool.prompts[0]) * BLOCK, usage
     tok = AutoTokenizer.from_pretrained(str(pool.model))
     assert answer["choices"][0]["text"] == tok.decode(pool.outputs("ref")[0])
+    assert metrics["vllm:kvpool_lookups_total"] >= 1
+    assert metrics["vllm:kvpool_hit_tokens_total"] == cached
+    assert metrics["vllm:kvpool_loaded_blocks_total"] == cached // BLOCK
+    saved = engine_a["connector"]["worker"]  # same model and layout: same bytes per block
+    per_block = saved["saved_bytes"] // saved["saved_blocks"]
+    assert metrics["vllm:kvpool_loaded_bytes_total"] == cached // BLOCK * per_block
+    assert metrics["vllm:kvpool_load_errors_total"] == 0
+    assert metrics["vllm:kvpool_load_duration_seconds_count"] == 1  # one request, one load
+    assert (
+        0
+        < metrics["vllm:kvpool_load_duration_seconds_sum"]
+        <= (metrics["vllm:kvpool_load_seconds_total"] + 1e-9)
+    )
+
+
+def test_doctor_names_the_namespace_the_engine_used(pool: Pool, engine_a: dict[str, Any]) -> None:
+    """``kvpool doctor --model``: the fingerprint it prints for the engine's settings is the one
+    engine A's connector keyed its blocks under (so comparing doctor lines across hosts tells
+    whether their engines can share blocks); another block size is another namespace."""
+    lines = {}
+    for block in (BLOCK, 2 * BLOCK):
+        args = ["doctor", "--json", "--model", str(pool.model), "--block-size", str(block)]
+        done = run_kvpool(args, env={"VLLM_TARGET_DEVICE": "cpu"}, timeout=ENGINE_TIMEOUT_S)
+        checks = {c["check"]: c for c in json.loads(done.stdout)}
+        lines[block] = checks["connector.namespace rank 0"]
+        assert lines[block]["status"] == "OK", lines[block]
+    used = pool.namespace("a").fingerprint().hex()
+    assert lines[BLOCK]["detail"].split()[0] == used
+    assert f"{BLOCK}-token blocks" in lines[BLOCK]["detail"]
+    assert lines[2 * BLOCK]["detail"].split()[0] != used
 
 
 def replace_blocks(c: Cluster, keys: list[bytes], blocks: list[bytes]) -> None:
@@ -509,6 +561,11 @@ def test_kv_events_and_stats_aggregate_across_ranks() -> None:
     assert s.reduce()["loaded_bytes"] == 40 and s.reduce()["load_GBps"] == 1.0
     s.reset()
     assert s.is_empty()
+    # Load durations (vLLM's histogram) travel as a list and join across ranks.
+    s.observe_load(0.5)
+    assert not s.is_empty()
+    s.aggregate(KVPoolConnectorStats(data={"load_durations": [0.25]}))
+    assert s.data["load_durations"] == [0.5, 0.25] and "load_durations" not in s.reduce()
 
 
 def test_staging_pool_takes_arena_buffers_first() -> None:

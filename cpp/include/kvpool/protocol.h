@@ -122,6 +122,8 @@ inline Header DecodeHeader(const uint8_t* in) {
 }
 
 bool IsKnownOp(uint8_t op);
+/// The op's lower-case name ("put", "match_prefix", ...); "unknown" for any other byte.
+const char* OpName(uint8_t op);
 
 /// Checks a request header against the node's limits before any of its body is read:
 /// BadMagic, UnknownOp, BadFrame (reserved bits set, or a body size the op forbids),

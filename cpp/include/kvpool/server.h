@@ -80,6 +80,25 @@ class Server {
   /// The STATS reply: store counters plus connection counts, as a JSON object.
   std::string StatsJson() const;
 
+  /// Upper bounds (microseconds) of the request-latency histogram's buckets; one more bucket
+  /// counts everything slower (STATS "latency_bounds_us").
+  static constexpr std::array<uint32_t, 18> kLatencyBoundsUs = {
+      25,    50,    100,    250,    500,    1000,    2500,    5000,    10000,
+      25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000};
+  /// Request counters of one (op, transport): STATS "ops". A request is a frame whose header
+  /// arrived; its latency runs from then until its reply is sent; an error is a request answered
+  /// with an error (which closes the connection) or cut off mid-frame.
+  struct OpCounters {
+    std::atomic<uint64_t> requests{0}, errors{0}, keys{0}, bytes{0}, latency_sum_us{0};
+    std::array<std::atomic<uint64_t>, kLatencyBoundsUs.size() + 1> latency{};
+  };
+  /// Op slots: the op byte (1..8), and 0 for a frame whose op is not one of them.
+  static constexpr size_t kOpSlots = 9;
+  /// Connections spread their counting over this many copies of the table (summed by STATS), so
+  /// connection threads seldom write the same cache line.
+  static constexpr size_t kOpShards = 8;
+  using OpTable = std::array<std::array<OpCounters, kTransportKinds>, kOpSlots>;
+
   /// Per-transport counters (STATS "transports").
   struct TransportCounters {
     std::atomic<uint64_t> connections{0}, accepted{0}, bytes_in{0}, bytes_out{0};
@@ -105,6 +124,7 @@ class Server {
   int wake_[2] = {-1, -1};  // a pipe: Stop() wakes the accept loop through it
   std::string node_id_;
   std::array<TransportCounters, kTransportKinds> per_transport_;
+  std::unique_ptr<std::array<OpTable, kOpShards>> ops_;
   std::atomic<uint64_t> shm_mapped_{0};
   std::shared_ptr<rdma::Device> rdma_device_;      // null: RDMA not served
   std::unique_ptr<rdma::MemoryRegion> rdma_pool_;  // the pool, registered local-only

@@ -52,10 +52,12 @@ from kvpool.copy import CopyEngine, cpu_engine
 from kvpool.errors import ConfigError, KVPoolError
 from kvpool.keys import Namespace, block_keys
 from kvpool.staging import StagingArena
+from kvpool.vllm.prom import COUNTERS, LOAD_DURATIONS, KVPoolPromMetrics
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -98,27 +100,14 @@ class KVPoolMetadata(KVConnectorMetadata):
 # -- stats and events ------------------------------------------------------------------------
 
 
-_STAT_KEYS = (
-    "lookups",  # scheduler: requests looked up
-    "lookup_tokens",  # scheduler: prompt tokens those lookups covered
-    "hit_tokens",  # scheduler: tokens reported as external hits
-    "lookup_errors",  # scheduler: lookups that failed (counted as misses)
-    "lookup_seconds",  # scheduler: time in lookups (on the scheduler's critical path)
-    "loaded_blocks",
-    "loaded_bytes",
-    "load_seconds",
-    "load_errors",  # blocks that could not be loaded (recomputed by vLLM)
-    "saved_blocks",
-    "saved_bytes",
-    "save_seconds",  # the background writer's time
-    "save_gather_seconds",  # copies to staging in wait_for_save (on the forward's critical path)
-    "save_errors",  # blocks whose save failed or was dropped
-)
+_STAT_KEYS = tuple(COUNTERS)  # what the connector counts: kvpool.vllm.prom says what each is
+_MAX_DURATIONS = 4096  # load durations kept per interval
 
 
 @dataclass
 class KVPoolConnectorStats(KVConnectorStats):
-    """Counters since the last report; sums across workers and intervals."""
+    """Counters since the last report; sums across workers and intervals. ``load_durations``
+    (each request load's seconds, for vLLM's histogram) is a list, joined by ``aggregate``."""
 
     def __post_init__(self) -> None:
         for k in _STAT_KEYS:
@@ -128,12 +117,20 @@ class KVPoolConnectorStats(KVConnectorStats):
         for k, v in counts.items():
             self.data[k] = self.data.get(k, 0) + v
 
+    def observe_load(self, seconds: float) -> None:
+        durations = self.data.setdefault(LOAD_DURATIONS, [])
+        if len(durations) < _MAX_DURATIONS:  # nobody collecting: the counters still count
+            durations.append(seconds)
+
     def reset(self) -> None:
         self.data = dict.fromkeys(_STAT_KEYS, 0)
 
     def aggregate(self, other: KVConnectorStats) -> KVPoolConnectorStats:
         for k, v in other.data.items():
-            self.data[k] = self.data.get(k, 0) + v
+            if isinstance(v, list):
+                self.data[k] = [*self.data.get(k, []), *v]
+            else:
+                self.data[k] = self.data.get(k, 0) + v
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -146,7 +143,7 @@ class KVPoolConnectorStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in _STAT_KEYS)
+        return not any(self.data.get(k) for k in _STAT_KEYS) and not self.data.get(LOAD_DURATIONS)
 
 
 class KVPoolKVEvents(KVConnectorKVEvents):
@@ -646,12 +643,15 @@ class KVPoolConnector(KVConnectorBase_V1):
                 self._worker_events.append(
                     BlockRemoved(block_hashes=[keys[i] for i in missed], medium=MEDIUM_STORAGE)
                 )
+        seconds = time.perf_counter() - t0
         self._count(
             loaded_blocks=len(ok),
             loaded_bytes=len(ok) * size,
-            load_seconds=time.perf_counter() - t0,
+            load_seconds=seconds,
             load_errors=len(missed),
         )
+        with self._stats_lock:
+            self._stats.observe_load(seconds)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv: a stored object spans every layer
@@ -763,3 +763,14 @@ class KVPoolConnector(KVConnectorBase_V1):
         cls, data: dict[str, Any] | None = None
     ) -> KVPoolConnectorStats | None:
         return KVPoolConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVPoolPromMetrics:
+        """vLLM's hook: the connector's counters in ``vllm serve``'s ``/metrics``."""
+        return KVPoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
