@@ -49,9 +49,16 @@ The shared-memory and RDMA sections also check the node's transport counters: th
 bytes (every round) went through the arena (``copied_in`` / ``copied_out``, exactly), and no
 other transport moved a byte.
 
+What a build or a feature costs the data path is two runs compared (each row's ratio to the
+physical limit measured beside it is what to compare, since the machine drifts between runs):
+``--node-python VENV/bin/python`` runs every node from another build (e.g. the commit before a
+change); ``--auth`` gives nodes and clients a data-plane token; ``--node-metrics SECONDS`` gives
+every node a metrics port and scrapes /metrics that often throughout the run.
+
 Usage:  python bench/data_path.py [--quick] [--sizes 64KiB,256KiB,2MiB] [--threads 1,4]
             [--systems kvpool,kvpool-shm,kvpool-rdma,redis,mooncake | --transport tcp|shm|rdma]
             [--shm-rounds 9] [--rdma-provider soft|ibverbs --rdma-devices LIST ...]
+            [--node-python PATH] [--auth] [--node-metrics SECONDS]
 Results: a table on stdout, progress on stderr, everything in bench/results/data_path.json.
 """
 

@@ -339,6 +339,20 @@ class Cluster(Closing):
         holder = found[1]
         return holder.index(-1) if -1 in holder else len(holder)
 
+    def match_prefixes(self, key_lists: Sequence[Sequence[bytes]]) -> list[int]:
+        """:meth:`match_prefix` of each list, in one Redis round trip for all of them (e.g. the
+        key chains of every TP rank); when Redis is unreachable, per the placement nodes."""
+        flat = [k for keys in key_lists for k in keys]
+        found = self._holders(flat)
+        if found is None:
+            return [self.match_prefix(keys) for keys in key_lists]
+        holder, out, at = found[1], [], 0
+        for keys in key_lists:
+            mine = holder[at : at + len(keys)]
+            out.append(mine.index(-1) if -1 in mine else len(mine))
+            at += len(keys)
+        return out
+
     def delete(self, keys: Sequence[bytes]) -> int:
         """Deletes keys from every live node; returns how many keys were present anywhere."""
         self._maybe_refresh()

@@ -191,6 +191,9 @@ def test_three_nodes_spread_round_trip_and_match_prefix(make_stack: Callable[...
     assert c.match_prefix(keys[:300] + missing[:1] + keys[300:]) == 300
     assert c.match_prefix(missing + keys) == 0
     assert c.match_prefix([]) == 0
+    # Several chains in one round trip (the connector's TP ranks): each its own prefix.
+    lists = [keys, keys[:300] + missing[:1] + keys[300:], missing + keys, [], keys[:7]]
+    assert c.match_prefixes(lists) == [len(keys), 300, 0, 0, 7]
     # Entries are incarnations: the member list maps them to node ids.
     node_of = {m.entry: m.node_id for m in c.members()}
     assert len({node_of[h[0]] for h in s.registry.lookup(keys[:30])}) == 3
@@ -367,6 +370,7 @@ def test_redis_unreachable_reads_fall_back_to_placement(make_stack: Callable[...
     assert c.exists(keys) == [True] * len(keys)
     assert c.match_prefix(keys) == len(keys)  # asked the placement nodes
     assert c.match_prefix(keys[:10] + random_keys(1) + keys[10:]) == 10
+    assert c.match_prefixes([keys, keys[:10] + random_keys(1)]) == [len(keys), 10]
     assert len(c.members()) == 3  # the last view is kept
     # Writes still go to the placement nodes and read back.
     more = random_keys(100)

@@ -570,10 +570,10 @@ def test_kv_events_and_stats_aggregate_across_ranks() -> None:
 
 def test_staging_pool_takes_arena_buffers_first() -> None:
     import numpy as np
-    from kvpool.vllm.connector import _StagingPool
+    from kvpool.vllm.worker import StagingPool
 
     arena = kvpool.StagingArena(2 << 20)
-    pool = _StagingPool(arena)
+    pool = StagingPool(arena)
     a = pool.take(1 << 20)
     assert arena.used_bytes == 1 << 20 and a.nbytes == 1 << 20 and a.flags.writeable
     big = pool.take(2 << 20)  # no room left in the arena: ordinary memory
@@ -586,9 +586,9 @@ def test_staging_pool_takes_arena_buffers_first() -> None:
 
 def test_staging_pool_reuses_the_smallest_buffer_that_fits() -> None:
     import numpy as np
-    from kvpool.vllm.connector import _StagingPool
+    from kvpool.vllm.worker import StagingPool
 
-    pool = _StagingPool(keep=2)
+    pool = StagingPool(keep=2)
     first = pool.take(100)
     pool.give(first)
     again = pool.take(80)  # a view of the same memory, exactly the size asked
@@ -601,3 +601,22 @@ def test_staging_pool_reuses_the_smallest_buffer_that_fits() -> None:
     pool.give(reused)
     pool.give(np.empty(200, dtype=np.uint8))  # three free: the smallest goes (keep=2)
     assert sorted(b.nbytes for b in pool._free) == [120, 200]
+
+
+def test_worker_key_chains_extend_to_the_keys_of_the_whole_prompt() -> None:
+    """A worker derives a request's keys piece by piece as loads and saves reach further; every
+    piece equals the keys of the whole prompt, and a range past the prompt is refused."""
+    from kvpool.errors import KVPoolError
+    from kvpool.vllm.metadata import BlockOp
+    from kvpool.vllm.worker import _Chain
+
+    ns = Namespace(model="m", block_tokens=4, tp_size=2, tp_rank=1).with_salts(lora="x")
+    tokens = list(range(1000, 1040))  # 10 full blocks
+    want = block_keys(tokens, ns)
+    chain = _Chain(tokens, {"lora": "x"}, ns)
+    assert chain.keys_for(BlockOp("r", 2, [7, 8]), 4) == want[2:4]
+    assert len(chain.keys) == 4  # only as far as asked
+    assert chain.keys_for(BlockOp("r", 0, [1]), 4) == want[:1]
+    assert chain.keys_for(BlockOp("r", 4, list(range(6))), 4) == want[4:10]
+    with pytest.raises(KVPoolError, match="prompt has 10 full blocks"):
+        chain.keys_for(BlockOp("r", 9, [1, 2]), 4)
