@@ -3,12 +3,16 @@ find_path(KVPOOL_XXHASH_INCLUDE_DIR xxhash.h REQUIRED)
 
 set(KVPOOL_HAVE_CUDA OFF)
 if(NOT KVPOOL_WITH_CUDA STREQUAL "OFF")
-  include(CheckLanguage)
-  check_language(CUDA)
-  if(CMAKE_CUDA_COMPILER)
+  # Only the runtime's headers are needed to build: libcudart.so.13 is loaded at run time, so the
+  # extension imports without CUDA. They come with the toolkit, or with pip's CUDA runtime wheel.
+  find_path(KVPOOL_CUDA_INCLUDE_DIR cuda_runtime_api.h
+    HINTS ENV CUDA_HOME ENV CUDA_PATH
+    PATHS /usr/local/cuda /usr/local/cuda-13.0 /opt/cuda
+    PATH_SUFFIXES include targets/x86_64-linux/include targets/sbsa-linux/include)
+  if(KVPOOL_CUDA_INCLUDE_DIR)
     set(KVPOOL_HAVE_CUDA ON)
   elseif(KVPOOL_WITH_CUDA STREQUAL "ON")
-    message(FATAL_ERROR "KVPOOL_WITH_CUDA=ON but no CUDA compiler was found")
+    message(FATAL_ERROR "KVPOOL_WITH_CUDA=ON but cuda_runtime_api.h was not found (install the CUDA toolkit or set KVPOOL_CUDA_INCLUDE_DIR)")
   endif()
 endif()
 
@@ -23,7 +27,5 @@ if(NOT KVPOOL_WITH_IBVERBS STREQUAL "OFF")
   endif()
 endif()
 
-# The CUDA copy engine is not implemented yet; ibverbs is used for device discovery only so far
-# (the RDMA transport lands on it next).
-message(STATUS "kvpool: cuda=${KVPOOL_HAVE_CUDA} (not yet used) ibverbs=${KVPOOL_HAVE_IBVERBS} (device probe) "
+message(STATUS "kvpool: cuda=${KVPOOL_HAVE_CUDA} (copy engine) ibverbs=${KVPOOL_HAVE_IBVERBS} (RDMA) "
                "tests=${KVPOOL_BUILD_TESTS} bench=${KVPOOL_BUILD_BENCH} python=${KVPOOL_BUILD_PYTHON}")

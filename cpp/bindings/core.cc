@@ -12,6 +12,7 @@
 
 #include "kvpool/client.h"
 #include "kvpool/copy_engine.h"
+#include "kvpool/copy_plan.h"
 #include "kvpool/hashing.h"
 #include "kvpool/logging.h"
 #include "kvpool/placement.h"
@@ -236,6 +237,32 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_log_level", &SetLogThreshold);
   m.def("host_id", &LocalHostId);
+  m.def(
+      "plan_copies",
+      [](const std::vector<KVRegion>& regions, const py::object& block_ids, uint64_t staging,
+         bool gather) {
+        const auto ids = ToIds(block_ids, "block");
+        std::vector<CopyRun> runs;
+        PlanCopies(regions, ids, staging, gather ? CopyDirection::kGather : CopyDirection::kScatter,
+                   &runs);
+        py::list out;
+        for (const CopyRun& r : runs) out.append(py::make_tuple(r.src, r.dst, r.bytes));
+        return out;
+      },
+      py::arg("regions"), py::arg("block_ids"), py::arg("staging"), py::arg("gather"),
+      "The copies (src, dst, bytes) of a gather or scatter, as both engines run them.");
+  m.def("cuda_built", &CudaBuilt);
+  m.def("cuda_available", [] {
+    const Status s = CudaAvailable();
+    return s.ok() ? std::string() : s.message();
+  });
+  m.def(
+      "cuda_host_register",
+      [](uint64_t address, uint64_t bytes) { Check(CudaHostRegister(address, bytes)); },
+      py::arg("address"), py::arg("bytes"));
+  m.def(
+      "cuda_host_unregister", [](uint64_t address) { Check(CudaHostUnregister(address)); },
+      py::arg("address"));
   m.def("rdma_probe", [] {
     const rdma::VerbsProbe p = rdma::ProbeVerbs();
     py::dict out;
@@ -389,6 +416,13 @@ PYBIND11_MODULE(_core, m) {
             return Unwrap(MakeCpuCopyEngine(std::move(regions), threads, parallel_bytes));
           },
           py::arg("regions"), py::arg("threads") = 1, py::arg("parallel_bytes") = 8ULL << 20)
+      .def_static(
+          "cuda",
+          [](std::vector<KVRegion> regions, int device) {
+            return Unwrap(MakeCudaCopyEngine(std::move(regions), device));
+          },
+          py::arg("regions"), py::arg("device") = -1)
+      .def("set_compute_stream", &CopyEngine::SetComputeStream, py::arg("stream"))
       .def_property_readonly("object_bytes", &CopyEngine::object_bytes)
       .def_property_readonly("num_blocks", &CopyEngine::num_blocks)
       .def_property_readonly("device", &CopyEngine::device)

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <thread>
 
+#include "kvpool/copy_plan.h"
+
 namespace kvpool {
 
 namespace {
@@ -78,49 +80,51 @@ class CpuCopyEngine final : public CopyEngine {
 
   Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) override {
     if (Status s = CheckCall("gather", block_ids, staging.size(), false); !s.ok()) return s;
-    ForChunks(block_ids.size(), [&](size_t begin, size_t end) {
-      for (size_t i = begin; i < end; ++i) {
-        uint8_t* out = staging.data() + i * object_bytes_;
-        for (const KVRegion& g : regions_) {
-          std::memcpy(out, reinterpret_cast<const uint8_t*>(g.base + block_ids[i] * g.stride),
-                      g.bytes);
-          out += g.bytes;
-        }
-      }
-    });
+    Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kGather);
     return Status::Ok();
   }
 
   Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) override {
     if (Status s = CheckCall("scatter", block_ids, staging.size(), true); !s.ok()) return s;
-    ForChunks(block_ids.size(), [&](size_t begin, size_t end) {
-      for (size_t i = begin; i < end; ++i) {
-        const uint8_t* in = staging.data() + i * object_bytes_;
-        for (const KVRegion& g : regions_) {
-          std::memcpy(reinterpret_cast<uint8_t*>(g.base + block_ids[i] * g.stride), in, g.bytes);
-          in += g.bytes;
-        }
-      }
-    });
+    Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kScatter);
     return Status::Ok();
   }
 
  private:
-  /// Runs fn over [0, n) in contiguous chunks: on the calling thread for small copies, else on
-  /// up to threads_ threads (the caller runs the first chunk).
-  template <typename Fn>
-  void ForChunks(size_t n, Fn&& fn) {
-    const uint64_t total = n * object_bytes_;
-    const size_t parts = total < parallel_bytes_ ? 1 : std::min<size_t>(threads_, n);
+  /// Plans the call and copies it: on the calling thread for small copies, else split into up
+  /// to threads_ equal byte ranges of the plan (the caller copies the first).
+  void Run(std::span<const uint32_t> block_ids, uint64_t staging, CopyDirection direction) {
+    std::vector<CopyRun> runs;  // per call: engines may be called from several threads
+    PlanCopies(regions_, block_ids, staging, direction, &runs);
+    const uint64_t total = PlanBytes(runs);
+    const uint64_t parts = total < parallel_bytes_ ? 1 : std::min<uint64_t>(threads_, total);
     if (parts <= 1) {
-      fn(size_t{0}, n);
+      CopyRange(runs, 0, total);
       return;
     }
     std::vector<std::thread> helpers;
     helpers.reserve(parts - 1);
-    for (size_t p = 1; p < parts; ++p) helpers.emplace_back(fn, n * p / parts, n * (p + 1) / parts);
-    fn(size_t{0}, n / parts);
+    for (uint64_t p = 1; p < parts; ++p) {
+      helpers.emplace_back([&runs, lo = total * p / parts, hi = total * (p + 1) / parts] {
+        CopyRange(runs, lo, hi);
+      });
+    }
+    CopyRange(runs, 0, total / parts);
     for (auto& t : helpers) t.join();
+  }
+
+  /// Copies bytes [lo, hi) of the plan (its runs laid end to end).
+  static void CopyRange(const std::vector<CopyRun>& runs, uint64_t lo, uint64_t hi) {
+    uint64_t at = 0;  // plan offset of the current run
+    for (const CopyRun& r : runs) {
+      const uint64_t begin = std::max(lo, at), end = std::min(hi, at + r.bytes);
+      if (begin < end) {
+        std::memcpy(reinterpret_cast<uint8_t*>(r.dst + (begin - at)),
+                    reinterpret_cast<const uint8_t*>(r.src + (begin - at)), end - begin);
+      }
+      at += r.bytes;
+      if (at >= hi) break;
+    }
   }
 
   const unsigned threads_;

@@ -20,8 +20,13 @@ __all__: list[str] = [
     "StagingArena",
     "StagingBuffer",
     "chain_block_keys",
+    "cuda_available",
+    "cuda_built",
+    "cuda_host_register",
+    "cuda_host_unregister",
     "error_code_name",
     "host_id",
+    "plan_copies",
     "rdma_devices",
     "rdma_probe",
     "set_log_level",
@@ -114,8 +119,14 @@ class CopyEngine:
         threads: typing.SupportsInt | typing.SupportsIndex = 1,
         parallel_bytes: typing.SupportsInt | typing.SupportsIndex = 8388608,
     ) -> CopyEngine: ...
+    @staticmethod
+    def cuda(
+        regions: collections.abc.Sequence[KVRegion],
+        device: typing.SupportsInt | typing.SupportsIndex = -1,
+    ) -> CopyEngine: ...
     def gather(self, arg0: typing.Any, arg1: typing.Any) -> None: ...
     def scatter(self, arg0: typing.Any, arg1: typing.Any) -> None: ...
+    def set_compute_stream(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     @property
     def device(self) -> str: ...
     @property
@@ -278,8 +289,25 @@ class Client:
 def chain_block_keys(
     fingerprint: bytes, tokens: typing.Any, block_tokens: typing.SupportsInt | typing.SupportsIndex
 ) -> list: ...
+def cuda_available() -> str: ...
+def cuda_built() -> bool: ...
+def cuda_host_register(
+    address: typing.SupportsInt | typing.SupportsIndex,
+    bytes: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def cuda_host_unregister(address: typing.SupportsInt | typing.SupportsIndex) -> None: ...
 def error_code_name(arg0: typing.SupportsInt | typing.SupportsIndex) -> str: ...
 def host_id() -> str: ...
+def plan_copies(
+    regions: collections.abc.Sequence[...],
+    block_ids: typing.Any,
+    staging: typing.SupportsInt | typing.SupportsIndex,
+    gather: bool,
+) -> list:
+    """
+    The copies (src, dst, bytes) of a gather or scatter, as both engines run them.
+    """
+
 def rdma_devices(root: str = "/sys/class/infiniband") -> list: ...
 def rdma_probe() -> dict: ...
 def set_log_level(arg0: typing.SupportsInt | typing.SupportsIndex) -> None: ...

@@ -38,6 +38,9 @@ class CopyEngine {
   const std::vector<KVRegion>& regions() const { return regions_; }
   /// "cpu" or "cuda".
   virtual const char* device() const = 0;
+  /// CUDA: the stream (a cudaStream_t) whose queued work a copy waits for before it starts,
+  /// e.g. torch's current stream; 0 is the legacy default stream. Ignored by the CPU engine.
+  virtual void SetComputeStream(uint64_t stream) {}
 
   /// Copies the blocks `block_ids` from the cache into `staging`.
   /// Errors: InvalidArgument naming the bad block id or the staging size.
@@ -66,5 +69,21 @@ Status ValidateRegions(std::span<const KVRegion> regions);
 Result<std::unique_ptr<CopyEngine>> MakeCpuCopyEngine(std::vector<KVRegion> regions,
                                                       unsigned threads = 1,
                                                       uint64_t parallel_bytes = 8ULL << 20);
+
+/// True when this build has the CUDA copy engine (the CUDA runtime's headers were found).
+bool CudaBuilt();
+/// Ok when the CUDA engine can be used now (the runtime, libcudart.so.13, loads and a device is
+/// present); Unsupported with the reason otherwise, and always when not built with CUDA.
+Status CudaAvailable();
+/// Page-locks host memory (cudaHostRegister) so copies to and from it run at full speed.
+Status CudaHostRegister(uint64_t address, uint64_t bytes);
+Status CudaHostUnregister(uint64_t address);
+/// A CUDA copy engine over regions of device memory of `device` (-1: the current device), with
+/// host staging. Its copies run on a stream of its own, after the work queued on its compute
+/// stream (SetComputeStream), and each call waits for that stream only.
+/// Errors: Unsupported (not built, no runtime or device), InvalidArgument (bad regions, a region
+/// not on the device).
+Result<std::unique_ptr<CopyEngine>> MakeCudaCopyEngine(std::vector<KVRegion> regions,
+                                                       int device = -1);
 
 }  // namespace kvpool
