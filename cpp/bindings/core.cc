@@ -237,20 +237,6 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_log_level", &SetLogThreshold);
   m.def("host_id", &LocalHostId);
-  m.def(
-      "plan_copies",
-      [](const std::vector<KVRegion>& regions, const py::object& block_ids, uint64_t staging,
-         bool gather) {
-        const auto ids = ToIds(block_ids, "block");
-        std::vector<CopyRun> runs;
-        PlanCopies(regions, ids, staging, gather ? CopyDirection::kGather : CopyDirection::kScatter,
-                   &runs);
-        py::list out;
-        for (const CopyRun& r : runs) out.append(py::make_tuple(r.src, r.dst, r.bytes));
-        return out;
-      },
-      py::arg("regions"), py::arg("block_ids"), py::arg("staging"), py::arg("gather"),
-      "The copies (src, dst, bytes) of a gather or scatter, as both engines run them.");
   m.def("cuda_built", &CudaBuilt);
   m.def("cuda_available", [] {
     const Status s = CudaAvailable();
@@ -440,6 +426,21 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release release;
         Check(e.Scatter(ids, buf.span()));
       });
+
+  m.def(
+      "plan_copies",
+      [](const std::vector<KVRegion>& regions, const py::object& block_ids, uint64_t staging,
+         bool gather) {
+        const auto ids = ToIds(block_ids, "block");
+        std::vector<CopyRun> runs;
+        PlanCopies(regions, ids, staging, gather ? CopyDirection::kGather : CopyDirection::kScatter,
+                   &runs);
+        py::list out;
+        for (const CopyRun& r : runs) out.append(py::make_tuple(r.src, r.dst, r.bytes));
+        return out;
+      },
+      py::arg("regions"), py::arg("block_ids"), py::arg("staging"), py::arg("gather"),
+      "The copies (src, dst, bytes) of a gather or scatter, as both engines run them.");
 
   py::class_<RdmaOptions>(m, "RdmaOptions")
       .def(py::init<>())

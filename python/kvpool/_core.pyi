@@ -299,7 +299,7 @@ def cuda_host_unregister(address: typing.SupportsInt | typing.SupportsIndex) -> 
 def error_code_name(arg0: typing.SupportsInt | typing.SupportsIndex) -> str: ...
 def host_id() -> str: ...
 def plan_copies(
-    regions: collections.abc.Sequence[...],
+    regions: collections.abc.Sequence[KVRegion],
     block_ids: typing.Any,
     staging: typing.SupportsInt | typing.SupportsIndex,
     gather: bool,
