@@ -635,15 +635,16 @@ def rdma_checks(
 
 
 def cuda_check(copy_module: Any) -> Check:
-    """Whether this build has the CUDA copy engine (``kvpool.copy.cuda_built()`` where it
-    exists; the CPU copy engine is always there)."""
+    """Whether this build has the CUDA copy engine and, when it has, whether a device can use it
+    here (``kvpool.copy.cuda_built()`` / ``cuda_unavailable_reason()``). Storage nodes need no
+    GPU, so a build without a usable device is OK; the detail says why it is not usable."""
     name = "host.cuda"
-    built = getattr(copy_module, "cuda_built", None)
-    if built is None:
-        return _ok(name, "the CUDA copy engine is not part of this build (CPU copy engine only)")
-    if built():
-        return _ok(name, "this build has the CUDA copy engine")
-    return _ok(name, "this build has no CUDA copy engine (CPU copy engine only)")
+    if not copy_module.cuda_built():
+        return _ok(name, "this build has no CUDA copy engine (CPU copy engine only)")
+    why = copy_module.cuda_unavailable_reason()
+    if why:
+        return _ok(name, f"this build has the CUDA copy engine; not usable here: {why}")
+    return _ok(name, "this build has the CUDA copy engine and a CUDA device can use it")
 
 
 def _host_checks() -> list[Check]:

@@ -389,12 +389,19 @@ def test_rdma_checks(tmp_path: Path) -> None:
 
 
 def test_cuda_check() -> None:
-    c = doctor.cuda_check(SimpleNamespace())
-    assert c.status == "OK" and "not part of this build" in c.detail
-    assert doctor.cuda_check(SimpleNamespace(cuda_built=lambda: True)).detail == (
-        "this build has the CUDA copy engine"
-    )
-    assert doctor.cuda_check(SimpleNamespace(cuda_built=lambda: False)).status == "OK"
+    from kvpool import copy
+
+    def build(built: bool, why: str) -> SimpleNamespace:
+        return SimpleNamespace(cuda_built=lambda: built, cuda_unavailable_reason=lambda: why)
+
+    assert "no CUDA copy engine" in doctor.cuda_check(build(False, "not built")).detail
+    c = doctor.cuda_check(build(True, "no CUDA device"))
+    assert c.status == "OK" and c.detail.endswith("not usable here: no CUDA device")
+    assert doctor.cuda_check(build(True, "")).detail.endswith("a CUDA device can use it")
+    # This build, on this host: the line says exactly what kvpool.copy says.
+    here = doctor.cuda_check(copy)
+    assert here.status == "OK"
+    assert copy.cuda_unavailable_reason() in here.detail
 
 
 def test_lease_and_clock_checks() -> None:
