@@ -13,11 +13,11 @@ $V/pybind11-stubgen kvpool._core -o "$stubs" >/dev/null
 # Normalise the generated stub exactly as the checked-in one is (import order, formatting).
 $V/ruff check -q --fix --select I --exit-zero "$stubs/kvpool/_core.pyi"
 $V/ruff format -q "$stubs/kvpool/_core.pyi"
-cxx=$(git ls-files 'cpp/*.cc' 'cpp/*.h' 'cpp/*.cu' 'tests/cpp/*.cc' 'bench/cpp/*.cc')
+cxx=$(git ls-files 'cpp/*.cc' 'cpp/*.h' 'cpp/*.cu' 'tests/cpp/*.cc' 'tests/fuzz/*.cc' 'bench/cpp/*.cc')
 if [ "$fix" = "--fix" ]; then
   cp "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi
-  $V/ruff format -q python bench tests/python
-  $V/ruff check -q --fix python bench tests/python
+  $V/ruff format -q python bench tests/python tests/fuzz
+  $V/ruff check -q --fix python bench tests/python tests/fuzz
   # shellcheck disable=SC2086
   $V/clang-format -i $cxx
 elif ! diff -q "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi >/dev/null; then
@@ -27,7 +27,7 @@ elif ! diff -q "$stubs/kvpool/_core.pyi" python/kvpool/_core.pyi >/dev/null; the
 fi
 # shellcheck disable=SC2086
 $V/clang-format --dry-run -Werror $cxx  # .clang-format: Google base, 100 columns
-$V/ruff check python bench tests/python
-$V/ruff format --check -q python bench tests/python
+$V/ruff check python bench tests/python tests/fuzz
+$V/ruff format --check -q python bench tests/python tests/fuzz
 $V/mypy
 echo "lint: ok"

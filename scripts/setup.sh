@@ -14,6 +14,7 @@ APT_PACKAGES=(
   iperf3                       # benchmark: the loopback link's limit
   iproute2                     # benchmark: private network namespace for Mooncake
   libibverbs-dev               # RDMA transport headers (libibverbs is loaded at run time); Mooncake links it
+  clang libclang-rt-14-dev     # scripts/fuzz.sh: libFuzzer with ASan and UBSan (their runtimes)
 )
 
 missing=()

@@ -15,5 +15,8 @@ echo "== C++ tests"
 .venv/bin/cmake --build build/tests
 .venv/bin/ctest --test-dir build/tests --output-on-failure -j2
 
+echo "== Fuzzing (60 s)"
+bash scripts/fuzz.sh 60
+
 echo "== Python tests"
 PATH="$PWD/.venv/bin:$PATH" .venv/bin/python -m pytest "$@"

@@ -115,8 +115,11 @@ bool BlockStore::EvictOneLocked() {
 }
 
 int64_t BlockStore::AllocateLocked(size_t size) {
-  const size_t rounded =
-      (size + MemoryPool::kGranule - 1) / MemoryPool::kGranule * MemoryPool::kGranule;
+  // What the pool will take: whole granules, and one for an empty block (MemoryPool::Allocate
+  // gives every block a run), or empty blocks would each push usage a granule over the mark.
+  const size_t granules =
+      std::max<size_t>(1, (size + MemoryPool::kGranule - 1) / MemoryPool::kGranule);
+  const size_t rounded = granules * MemoryPool::kGranule;
   while (true) {
     if (pool_->used_bytes() + rounded <= high_watermark_bytes_) {
       const int64_t offset = pool_->Allocate(size);

@@ -28,7 +28,8 @@ _STORED, _EXISTS = 0, 1
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` -> (host, port); InvalidArgumentError naming the address otherwise."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidArgumentError(f"address {address!r} is not of the form host:port")
     return host, int(port)
 

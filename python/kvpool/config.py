@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Self
 
@@ -49,7 +51,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
         raise ConfigError(f"{name}: cannot parse size {value!r} (examples: 4GiB, 512MiB, 1048576)")
-    return int(float(m.group(1)) * _UNITS[unit])
+    # Exact (a float rounds "8192.05g" down a byte, and overflows on long digit strings).
+    return int(Fraction(m.group(1)) * _UNITS[unit])
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -79,9 +82,11 @@ def read_auth_tokens(
     tokens = [token] if token else []
     if token_file:
         try:
-            text = Path(token_file).read_text()
+            text = Path(token_file).read_text(encoding="utf-8")  # proofs use a token's UTF-8 bytes
         except OSError as e:
             raise ConfigError(f"{key}_file = {token_file!r} cannot be read: {e.strerror}") from None
+        except ValueError as e:  # not UTF-8, or a NUL in the path
+            raise ConfigError(f"{key}_file = {token_file!r} cannot be read: {e}") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"{key}_file = {token_file!r} holds no token")
@@ -101,6 +106,15 @@ def read_auth_tokens(
 def _check_redis_url(key: str, url: str) -> None:
     if url and not url.startswith(_REDIS_SCHEMES):
         raise ConfigError(f"{key} = {url!r} is not a redis://, rediss:// or unix:// URL")
+    if url:
+        # redis-py's own parser, which reads the URL when the cluster connects: a bad port, host
+        # or query argument is refused here, by name, rather than there.
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]  # (redis-py ships it untyped)
+        except ValueError as e:
+            raise ConfigError(f"{key} = {url!r}: {e}") from None
 
 
 class _Settings:
@@ -150,13 +164,13 @@ class _Settings:
                     raise ValueError
                 return int(raw)
             if typ in (float, "float"):
-                if isinstance(raw, bool):
-                    raise ValueError
+                if isinstance(raw, bool) or not math.isfinite(float(raw)):
+                    raise ValueError  # durations and fractions: nan and inf mean nothing here
                 return float(raw)
             value = str(raw)
         except ConfigError:
             raise
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
             raise ConfigError(f"{source}: {key} = {raw!r} is not a valid {typ}") from None
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:

@@ -45,6 +45,10 @@ class RdmaSettings:
             ("gpu", self.gpu),
         )
         for name, value in fields:
+            shown = (names or {}).get(name, f"rdma_{name}")
+            # The core takes C ints (and the GPU count is gpu + 1): anything wider is refused here.
+            if isinstance(value, int) and not -(2**31) <= value < 2**31 - 1:
+                raise error(f"{shown} = {value!r}: out of range")
             one = _core.RdmaOptions()
             setattr(one, name, value)
             if name == "gpu":
@@ -52,7 +56,6 @@ class RdmaSettings:
             try:
                 one.validate()
             except KVPoolError as e:
-                shown = (names or {}).get(name, f"rdma_{name}")
                 raise error(f"{shown} = {value!r}: {e}") from None
 
     def options(self) -> Any:

@@ -412,6 +412,20 @@ TEST_P(EvictionTest, TooLargeAfterRoundingToGranules) {
   EXPECT_EQ(s.entries, 10u);
 }
 
+// An empty block still occupies a granule, so it must evict like any other once the pool is at
+// the watermark (tests/fuzz/frame_fuzzer's invariants caught zero-length PUTs to a full node
+// pushing usage a granule over it).
+TEST_P(EvictionTest, EmptyBlocksStayUnderHighWatermark) {
+  auto store = MakeStore(64 * kG, GetParam(), 0.95);
+  for (uint64_t id = 0; id < 100; ++id) ASSERT_EQ(Put(*store, id, kG), PutResult::kReserved);
+  for (uint64_t id = 1000; id < 1100; ++id) {
+    ASSERT_EQ(Put(*store, id, 0), PutResult::kReserved) << id;
+    const BlockStoreStats s = store->Stats();
+    ASSERT_LE(s.used_bytes, s.high_watermark_bytes) << id;
+  }
+  EXPECT_TRUE(ReadBack(*store, 1099, 0));
+}
+
 INSTANTIATE_TEST_SUITE_P(Policies, EvictionTest,
                          ::testing::Values(EvictionKind::kS3Fifo, EvictionKind::kLru),
                          [](const auto& info) {
