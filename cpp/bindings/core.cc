@@ -520,6 +520,9 @@ PYBIND11_MODULE(_core, m) {
            py::arg("bytes"))
       .def_property_readonly("size", &StagingArena::size)
       .def_property_readonly("used_bytes", &StagingArena::used_bytes)
+      .def_property_readonly(
+          "address", [](const StagingArena& a) { return reinterpret_cast<uint64_t>(a.base()); },
+          "The arena's first byte (for cudaHostRegister).")
       .def("take", [](const std::shared_ptr<StagingArena>& arena, size_t bytes) -> py::object {
         const MutableBuffer b = arena->Take(bytes);
         if (b.data == nullptr) return py::none();

@@ -33,6 +33,11 @@ class StagingArena:
         return int(self._native.size)
 
     @property
+    def address(self) -> int:
+        """The address of the arena's first byte (it spans :attr:`size` bytes)."""
+        return int(self._native.address)
+
+    @property
     def used_bytes(self) -> int:
         """Bytes of the buffers currently handed out (rounded up to 4 KiB each)."""
         return int(self._native.used_bytes)

@@ -27,7 +27,13 @@ from vllm.distributed.kv_events import MEDIUM_STORAGE, BlockRemoved, BlockStored
 from kvpool import _core
 from kvpool.cluster import Cluster
 from kvpool.config import ConnectorConfig
-from kvpool.copy import CopyEngine, cpu_engine
+from kvpool.copy import (
+    CopyEngine,
+    cpu_engine,
+    cuda_engine,
+    cuda_unavailable_reason,
+    describe_layout,
+)
 from kvpool.errors import KVPoolError
 from kvpool.keys import Namespace
 from kvpool.staging import StagingArena
@@ -147,6 +153,8 @@ class WorkerSide:
         )
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
+        self._arena = arena
+        self._cuda = False  # the engine copies between CUDA KV caches and host staging
         self._staging = StagingPool(arena)
         self._saver = threading.Thread(target=self._save_loop, name="kvpool-save", daemon=True)
         self._saver.start()
@@ -158,16 +166,38 @@ class WorkerSide:
 
         names = sorted(kv_caches, key=lambda n: (extract_layer_index(n), n))
         tensors = [kv_caches[n] for n in names]
-        if any(t.device.type != "cpu" for t in tensors):
-            self._disable(f"KV cache on {tensors[0].device}: only the CPU copy engine exists yet")
-            return
+        devices = {t.device for t in tensors}
+        device = tensors[0].device
         shape = tuple(tensors[0].shape)
-        block_dim = next((d for d, n in enumerate(shape) if n == self._num_blocks), None)
-        if block_dim is None:
-            self._disable(f"no dimension of size num_blocks={self._num_blocks} in KV shape {shape}")
+        if len(devices) != 1 or device.type not in ("cpu", "cuda"):
+            self._disable(f"KV caches on {sorted(map(str, devices))}: one CPU or CUDA device only")
             return
         try:
-            self._engine = cpu_engine(tensors, block_dim)
+            # vLLM's caches put blocks outermost or just inside the K/V pair: the first of the
+            # two dimensions that has num_blocks entries (another dimension of that size, e.g.
+            # the block size, is no candidate); describe_layout checks the strides.
+            candidates = range(min(2, len(shape)))
+            block_dim = next((d for d in candidates if shape[d] == self._num_blocks), None)
+            if block_dim is None:
+                raise ValueError(
+                    f"no leading dimension of size num_blocks={self._num_blocks} in KV "
+                    f"shape {shape}"
+                )
+            layout = describe_layout(tensors, block_dim)
+            if device.type == "cuda":
+                why = cuda_unavailable_reason()
+                if why:
+                    self._disable(f"KV cache on {device}: the CUDA copy engine cannot run: {why}")
+                    return
+                self._engine = cuda_engine(tensors, layout.block_dim, device=device.index or 0)
+                self._cuda = True
+                if self._arena is not None:  # page-locked: device copies at full speed
+                    try:
+                        _core.cuda_host_register(self._arena.address, self._arena.size)
+                    except KVPoolError as e:  # slower copies, not none
+                        log.warning("kvpool: staging arena not page-locked: %s", e)
+            else:
+                self._engine = cpu_engine(tensors, layout.block_dim)
         except (ValueError, KVPoolError) as e:
             self._disable(str(e))
             return
@@ -247,6 +277,7 @@ class WorkerSide:
             self._count(load_errors=len(op.block_ids))
             return
         t0 = time.perf_counter()
+        self._follow_compute_stream(engine)
         size = engine.object_bytes
         staging = self._staging.take(len(keys) * size)
         views = [staging[i * size : (i + 1) * size] for i in range(len(keys))]
@@ -277,6 +308,11 @@ class WorkerSide:
         )
         self._counters.observe_load(seconds)
 
+    def _follow_compute_stream(self, engine: CopyEngine) -> None:
+        """CUDA: copies start after the forward's queued work on torch's current stream."""
+        if self._cuda:
+            engine.set_compute_stream(torch.cuda.current_stream().cuda_stream)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
@@ -289,6 +325,7 @@ class WorkerSide:
         if not meta.saves or engine is None:
             return
         t0 = time.perf_counter()
+        self._follow_compute_stream(engine)
         bs = self.block_size
         for op in meta.saves:
             n = len(op.block_ids)
