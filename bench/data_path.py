@@ -709,10 +709,11 @@ class NodeOptions:
 
 
 class Scraper:
-    """GETs a node's /metrics every ``interval`` seconds until closed; counts and times it."""
+    """GETs a node's /metrics every ``interval`` seconds until closed or the node exits; counts
+    and times it (a failure while the node runs is a failure)."""
 
-    def __init__(self, url: str, interval: float) -> None:
-        self.url, self.interval = url, interval
+    def __init__(self, url: str, interval: float, alive: Callable[[], bool]) -> None:
+        self.url, self.interval, self._alive = url, interval, alive
         self.scrapes, self.seconds, self.failures = 0, 0.0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
@@ -729,6 +730,8 @@ class Scraper:
                 self.scrapes += 1
                 self.seconds += time.perf_counter() - t0
             except OSError:
+                if not self._alive():
+                    return  # its section is over
                 self.failures += 1
 
     def close(self) -> dict[str, Any]:
@@ -765,7 +768,7 @@ def start_kvpool(
     if metrics_port:
         server.wait_for_line(r"metrics on http://", timeout=60)
         url = f"http://{HOST}:{metrics_port}/metrics"
-        NODE.scrapers.append(Scraper(url, NODE.scrape_interval))
+        NODE.scrapers.append(Scraper(url, NODE.scrape_interval, lambda: server.proc.poll() is None))
         log(f"  scraping {url} every {NODE.scrape_interval:g}s")
     return server, address
 

@@ -90,9 +90,28 @@ CudaRuntime LoadRuntime() {
   return rt;
 }
 
+/// The runtime, loaded at first use (null, with the reason in `why`, while it does not load). A
+/// failed load is tried again at the next use: the process may load libcudart later (importing
+/// torch does), and dlopen then finds it by its soname.
+const CudaRuntime* LoadedRuntime(std::string* why) {
+  static std::mutex mu;
+  static const CudaRuntime* loaded = nullptr;  // never freed: engines may outlive any scope
+  std::lock_guard<std::mutex> lock(mu);
+  if (loaded == nullptr) {
+    CudaRuntime rt = LoadRuntime();
+    if (!rt.unavailable.empty()) {
+      *why = rt.unavailable;
+      return nullptr;
+    }
+    loaded = new CudaRuntime(std::move(rt));
+  }
+  return loaded;
+}
+
+/// Only once CudaAvailable() succeeded (every engine and every call after it).
 const CudaRuntime& Runtime() {
-  static const CudaRuntime rt = LoadRuntime();
-  return rt;
+  std::string why;
+  return *LoadedRuntime(&why);
 }
 
 Status CudaError(const char* what, cudaError_t e) {
@@ -189,12 +208,13 @@ class CudaCopyEngine final : public CopyEngine {
 bool CudaBuilt() { return true; }
 
 Status CudaAvailable() {
-  const CudaRuntime& rt = Runtime();
-  if (!rt.unavailable.empty()) return Status(ErrorCode::kUnsupported, rt.unavailable);
+  std::string why;
+  const CudaRuntime* rt = LoadedRuntime(&why);
+  if (rt == nullptr) return Status(ErrorCode::kUnsupported, why);
   int count = 0;
-  if (cudaError_t e = rt.GetDeviceCount(&count); e != cudaSuccess) {
+  if (cudaError_t e = rt->GetDeviceCount(&count); e != cudaSuccess) {
     return Status(ErrorCode::kUnsupported,
-                  std::string("no usable CUDA device: ") + rt.GetErrorString(e));
+                  std::string("no usable CUDA device: ") + rt->GetErrorString(e));
   }
   if (count == 0) return Status(ErrorCode::kUnsupported, "no CUDA device");
   return Status::Ok();
