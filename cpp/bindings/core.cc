@@ -420,12 +420,31 @@ PYBIND11_MODULE(_core, m) {
              py::gil_scoped_release release;
              Check(e.Gather(ids, buf.span()));
            })
-      .def("scatter", [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
-        const auto ids = ToIds(block_ids, "block");
-        OneBuffer buf(staging, false, "staging");
-        py::gil_scoped_release release;
-        Check(e.Scatter(ids, buf.span()));
-      });
+      .def("scatter",
+           [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
+             const auto ids = ToIds(block_ids, "block");
+             OneBuffer buf(staging, false, "staging");
+             py::gil_scoped_release release;
+             Check(e.Scatter(ids, buf.span()));
+           })
+      // The caller keeps `staging` alive until wait() (kvpool.copy.CopyEngine does).
+      .def("start_gather",
+           [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
+             const auto ids = ToIds(block_ids, "block");
+             OneBuffer buf(staging, true, "staging");
+             py::gil_scoped_release release;
+             return Unwrap(e.StartGather(ids, buf.span()));
+           })
+      .def("start_scatter",
+           [](CopyEngine& e, const py::object& block_ids, const py::object& staging) {
+             const auto ids = ToIds(block_ids, "block");
+             OneBuffer buf(staging, false, "staging");
+             py::gil_scoped_release release;
+             return Unwrap(e.StartScatter(ids, buf.span()));
+           })
+      .def(
+          "wait", [](CopyEngine& e, CopyTicket ticket) { Check(e.Wait(ticket)); },
+          py::arg("ticket"), py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "plan_copies",

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <thread>
+#include <unordered_set>
 
 #include "kvpool/copy_plan.h"
 
@@ -67,6 +69,21 @@ Status CopyEngine::CheckCall(const char* op, std::span<const uint32_t> block_ids
   return Status::Ok();
 }
 
+Status CopyEngine::Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) {
+  auto ticket = StartGather(block_ids, staging);
+  return ticket.ok() ? Wait(ticket.value()) : ticket.status();
+}
+
+Status CopyEngine::Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) {
+  auto ticket = StartScatter(block_ids, staging);
+  return ticket.ok() ? Wait(ticket.value()) : ticket.status();
+}
+
+Status CopyEngine::UnknownTicket(CopyTicket ticket) {
+  return Invalid("copy ticket " + std::to_string(ticket) +
+                 " is not a copy in flight (never started, or already waited for)");
+}
+
 namespace {
 
 class CpuCopyEngine final : public CopyEngine {
@@ -78,16 +95,24 @@ class CpuCopyEngine final : public CopyEngine {
 
   const char* device() const override { return "cpu"; }
 
-  Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) override {
+  // The copy is done when Start returns; the ticket only has to be waited for once.
+  Result<CopyTicket> StartGather(std::span<const uint32_t> block_ids,
+                                 std::span<uint8_t> staging) override {
     if (Status s = CheckCall("gather", block_ids, staging.size(), false); !s.ok()) return s;
     Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kGather);
-    return Status::Ok();
+    return Issue();
   }
 
-  Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) override {
+  Result<CopyTicket> StartScatter(std::span<const uint32_t> block_ids,
+                                  std::span<const uint8_t> staging) override {
     if (Status s = CheckCall("scatter", block_ids, staging.size(), true); !s.ok()) return s;
     Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kScatter);
-    return Status::Ok();
+    return Issue();
+  }
+
+  Status Wait(CopyTicket ticket) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_.erase(ticket) == 1 ? Status::Ok() : UnknownTicket(ticket);
   }
 
  private:
@@ -127,8 +152,17 @@ class CpuCopyEngine final : public CopyEngine {
     }
   }
 
+  CopyTicket Issue() {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_.insert(++last_);
+    return last_;
+  }
+
   const unsigned threads_;
   const uint64_t parallel_bytes_;
+  std::mutex mu_;
+  CopyTicket last_ = 0;
+  std::unordered_set<CopyTicket> done_;  // finished, not yet waited for
 };
 
 }  // namespace

@@ -275,6 +275,7 @@ class CopyEngine:
     def __init__(self, core: Any, layout: KVLayout | None = None) -> None:
         self._core = core
         self._layout = layout
+        self._held: dict[int, Any] = {}  # ticket -> its staging, alive until waited for
 
     @property
     def layout(self) -> KVLayout | None:
@@ -305,6 +306,30 @@ class CopyEngine:
     def scatter(self, block_ids: Sequence[int] | Any, staging: Any) -> None:
         """Staging -> cache; the ids must be distinct. Releases the GIL while it copies."""
         self._core.scatter(block_ids, _as_buffer(staging))
+
+    def start_gather(self, block_ids: Sequence[int] | Any, staging: Any) -> int:
+        """Starts cache -> staging and returns its ticket; :meth:`wait` finishes it. The engine
+        holds ``staging`` until then (the CPU engine has copied when this returns)."""
+        buf = _as_buffer(staging)
+        ticket = int(self._core.start_gather(block_ids, buf))
+        self._held[ticket] = buf
+        return ticket
+
+    def start_scatter(self, block_ids: Sequence[int] | Any, staging: Any) -> int:
+        """Starts staging -> cache (distinct ids); ``staging`` must not change until
+        :meth:`wait` returns for the ticket."""
+        buf = _as_buffer(staging)
+        ticket = int(self._core.start_scatter(block_ids, buf))
+        self._held[ticket] = buf
+        return ticket
+
+    def wait(self, ticket: int) -> None:
+        """Blocks until the copy of ``ticket`` finished; raises its error if it failed, and
+        InvalidArgumentError for a ticket not in flight. Releases the GIL while it waits."""
+        try:
+            self._core.wait(ticket)
+        finally:
+            self._held.pop(ticket, None)
 
     def set_compute_stream(self, stream: int) -> None:
         """CUDA: later copies start after the work queued on ``stream`` (a ``cudaStream_t``,

@@ -143,6 +143,36 @@ TEST(CopyEngine, BadCallsNameTheValueAndCopyNothing) {
   EXPECT_TRUE(engine->Gather(std::vector<uint32_t>{}, std::span<uint8_t>()).ok());
 }
 
+TEST(CopyEngine, TicketsAreWaitedForOnceAndBadStartsIssueNone) {
+  FakeCache cache(2, 8, 64);
+  auto engine = Make(cache.Regions());
+  std::vector<uint8_t> a(2 * engine->object_bytes()), b(a.size());
+  auto first = engine->StartGather(std::vector<uint32_t>{1, 6}, a);
+  auto second = engine->StartGather(std::vector<uint32_t>{6, 1}, b);
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_NE(first.value(), second.value());
+  ASSERT_TRUE(engine->Wait(second.value()).ok());  // any order
+  ASSERT_TRUE(engine->Wait(first.value()).ok());
+  EXPECT_EQ(std::vector<uint8_t>(a.begin(), a.begin() + engine->object_bytes()), cache.Object(1));
+  EXPECT_EQ(std::vector<uint8_t>(b.begin(), b.begin() + engine->object_bytes()), cache.Object(6));
+
+  Status again = engine->Wait(first.value());
+  EXPECT_EQ(again.code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(again.message().find("copy ticket " + std::to_string(first.value())), std::string::npos)
+      << again.message();
+  EXPECT_EQ(engine->Wait(12345).code(), ErrorCode::kInvalidArgument);
+
+  auto bad = engine->StartScatter(std::vector<uint32_t>{3, 3}, a);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), ErrorCode::kInvalidArgument);
+  auto next = engine->StartScatter(std::vector<uint32_t>{3, 4}, a);
+  ASSERT_TRUE(next.ok());
+  EXPECT_EQ(next.value(), second.value() + 1);  // the refused start took no ticket
+  EXPECT_TRUE(engine->Wait(next.value()).ok());
+  EXPECT_EQ(cache.Object(3), cache.Object(1));  // a held blocks 1 and 6
+  EXPECT_EQ(cache.Object(4), cache.Object(6));
+}
+
 TEST(CopyEngine, RegionsAreValidated) {
   uint8_t buf[64];
   const auto base = reinterpret_cast<uint64_t>(buf);

@@ -426,3 +426,22 @@ def test_without_a_usable_device_the_cuda_engine_says_why() -> None:
     assert e.value.code == ErrorCode.UNSUPPORTED and why in str(e.value)
     with pytest.raises(TypeError, match="exactly one"):
         copy.cuda_engine(cache)
+
+
+def test_started_copies_are_waited_for_once() -> None:
+    """start_gather / start_scatter return tickets; wait finishes each once (the CPU engine has
+    copied already), and a ticket not in flight is refused by number."""
+    cache, target = vllm_cpu_cache(seed=3), vllm_cpu_cache(seed=4)
+    src, dst = cpu_engine(cache, 1), cpu_engine(target, 1)
+    staging = torch.empty(2 * src.object_bytes, dtype=torch.uint8)
+    ticket = src.start_gather([5, 2], staging)
+    src.wait(ticket)
+    with pytest.raises(InvalidArgumentError, match=f"copy ticket {ticket} is not a copy in flight"):
+        src.wait(ticket)
+    back = dst.start_scatter([0, 9], staging)
+    dst.wait(back)
+    for layer in range(LAYERS):
+        assert torch.equal(target[layer][:, 0], cache[layer][:, 5])
+        assert torch.equal(target[layer][:, 9], cache[layer][:, 2])
+    with pytest.raises(InvalidArgumentError, match="appears more than once"):
+        dst.start_scatter([1, 1], staging)

@@ -23,9 +23,14 @@ struct KVRegion {
   uint32_t num_blocks = 0;  ///< Valid block ids are [0, num_blocks).
 };
 
+/// Names a copy started by StartGather or StartScatter, until Wait has returned for it.
+using CopyTicket = uint64_t;
+
 /// Gathers blocks out of a paged KV cache into staging memory and scatters them back. Object i
 /// of a call sits at `staging + i * object_bytes()`. Every call checks its block ids and the
 /// staging size before it copies anything, so a bad argument leaves the cache untouched.
+/// Copies are started (a ticket) and waited for; Gather and Scatter do both. The CPU engine has
+/// finished when Start returns; the CUDA engine runs on its own stream meanwhile.
 /// Implementations: CPU (always built) and CUDA (when kvpool is built with CUDA).
 class CopyEngine {
  public:
@@ -42,18 +47,32 @@ class CopyEngine {
   /// e.g. torch's current stream; 0 is the legacy default stream. Ignored by the CPU engine.
   virtual void SetComputeStream(uint64_t stream) {}
 
-  /// Copies the blocks `block_ids` from the cache into `staging`.
-  /// Errors: InvalidArgument naming the bad block id or the staging size.
-  virtual Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) = 0;
-  /// Copies objects from `staging` into the cache blocks `block_ids` (no id twice).
-  /// Errors: InvalidArgument naming the bad or repeated block id or the staging size.
-  virtual Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) = 0;
+  /// Starts copying the blocks `block_ids` from the cache into `staging`, which must stay
+  /// valid until Wait returns for the ticket. Errors (nothing started): InvalidArgument naming
+  /// the bad block id or the staging size; the device's error.
+  virtual Result<CopyTicket> StartGather(std::span<const uint32_t> block_ids,
+                                         std::span<uint8_t> staging) = 0;
+  /// Starts copying objects from `staging` into the cache blocks `block_ids` (no id twice);
+  /// `staging` must stay valid and unchanged until Wait returns. Errors as StartGather, and
+  /// InvalidArgument naming a repeated block id.
+  virtual Result<CopyTicket> StartScatter(std::span<const uint32_t> block_ids,
+                                          std::span<const uint8_t> staging) = 0;
+  /// Blocks until the copy of `ticket` has finished: Ok, or the error it met. A ticket is waited
+  /// for once; an unknown ticket, or one already waited for, is InvalidArgument.
+  virtual Status Wait(CopyTicket ticket) = 0;
+
+  /// StartGather, then Wait.
+  Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging);
+  /// StartScatter, then Wait.
+  Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging);
 
  protected:
   explicit CopyEngine(std::vector<KVRegion> regions);
   /// The checks every call makes before copying.
   Status CheckCall(const char* op, std::span<const uint32_t> block_ids, size_t staging_bytes,
                    bool distinct) const;
+  /// Wait's error for a ticket not in flight.
+  static Status UnknownTicket(CopyTicket ticket);
 
   std::vector<KVRegion> regions_;
   uint64_t object_bytes_ = 0;

@@ -6,13 +6,14 @@
 // a GPU: there the engine is "unavailable" with the reason. A call plans its copies exactly as
 // the CPU engine does (copy_plan.h) and submits the runs with one cudaMemcpyBatchAsync (or one
 // cudaMemcpyAsync per run where the runtime has no batch call) on the engine's own stream, after
-// an event recorded on the caller's compute stream, then waits for its own stream only: never a
-// device-wide synchronise.
+// an event recorded on the caller's compute stream, then records the ticket's event; Wait waits
+// for that event only: never a device-wide synchronise.
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kvpool/copy_engine.h"
@@ -36,6 +37,7 @@ struct CudaRuntime {
   decltype(&cudaEventCreateWithFlags) EventCreateWithFlags = nullptr;
   decltype(&cudaEventRecord) EventRecord = nullptr;
   decltype(&cudaEventDestroy) EventDestroy = nullptr;
+  decltype(&cudaEventSynchronize) EventSynchronize = nullptr;
   decltype(&cudaMemcpyAsync) MemcpyAsync = nullptr;
   decltype(&cudaMemcpyBatchAsync) MemcpyBatchAsync = nullptr;  ///< null: one call per run
   decltype(&cudaHostRegister) HostRegister = nullptr;
@@ -73,6 +75,7 @@ CudaRuntime LoadRuntime() {
             Resolve(lib, "cudaEventCreateWithFlags", &rt.EventCreateWithFlags) &&
             Resolve(lib, "cudaEventRecord", &rt.EventRecord) &&
             Resolve(lib, "cudaEventDestroy", &rt.EventDestroy) &&
+            Resolve(lib, "cudaEventSynchronize", &rt.EventSynchronize) &&
             Resolve(lib, "cudaMemcpyAsync", &rt.MemcpyAsync) &&
             Resolve(lib, "cudaHostRegister", &rt.HostRegister) &&
             Resolve(lib, "cudaHostUnregister", &rt.HostUnregister) &&
@@ -125,6 +128,11 @@ class CudaCopyEngine final : public CopyEngine {
       : CopyEngine(std::move(regions)), device_(device), stream_(stream), ready_(ready) {}
   ~CudaCopyEngine() override {
     const CudaRuntime& rt = Runtime();
+    rt.StreamSynchronize(stream_);  // nothing may still copy into memory the caller frees next
+    for (const auto& [ticket, event] : in_flight_) {
+      if (event != nullptr) rt.EventDestroy(event);
+    }
+    for (cudaEvent_t event : free_events_) rt.EventDestroy(event);
     rt.EventDestroy(ready_);
     rt.StreamDestroy(stream_);
   }
@@ -132,36 +140,84 @@ class CudaCopyEngine final : public CopyEngine {
   const char* device() const override { return "cuda"; }
 
   void SetComputeStream(uint64_t stream) override {
+    std::lock_guard<std::mutex> lock(mu_);
     compute_stream_ = reinterpret_cast<cudaStream_t>(stream);
   }
 
-  Status Gather(std::span<const uint32_t> block_ids, std::span<uint8_t> staging) override {
+  Result<CopyTicket> StartGather(std::span<const uint32_t> block_ids,
+                                 std::span<uint8_t> staging) override {
     if (Status s = CheckCall("gather", block_ids, staging.size(), false); !s.ok()) return s;
-    return Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kGather);
+    return Start(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kGather);
   }
 
-  Status Scatter(std::span<const uint32_t> block_ids, std::span<const uint8_t> staging) override {
+  Result<CopyTicket> StartScatter(std::span<const uint32_t> block_ids,
+                                  std::span<const uint8_t> staging) override {
     if (Status s = CheckCall("scatter", block_ids, staging.size(), true); !s.ok()) return s;
-    return Run(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kScatter);
+    return Start(block_ids, reinterpret_cast<uint64_t>(staging.data()), CopyDirection::kScatter);
+  }
+
+  Status Wait(CopyTicket ticket) override {
+    cudaEvent_t event;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const auto it = in_flight_.find(ticket);
+      if (it == in_flight_.end()) return UnknownTicket(ticket);
+      event = it->second;
+      in_flight_.erase(it);
+    }
+    if (event == nullptr) return Status::Ok();  // nothing to copy
+    const cudaError_t e = Runtime().EventSynchronize(event);
+    std::lock_guard<std::mutex> lock(mu_);
+    free_events_.push_back(event);
+    return e == cudaSuccess ? Status::Ok() : CudaError("the copy", e);
   }
 
  private:
-  Status Run(std::span<const uint32_t> block_ids, uint64_t staging, CopyDirection direction) {
+  /// Plans the copies and queues them on the engine's stream, after the work queued so far on
+  /// the compute stream (a gather reads blocks the forward pass just wrote; a scatter overwrites
+  /// blocks it may still read), followed by the ticket's event.
+  Result<CopyTicket> Start(std::span<const uint32_t> block_ids, uint64_t staging,
+                           CopyDirection direction) {
     const CudaRuntime& rt = Runtime();
-    std::lock_guard<std::mutex> lock(mu_);  // one stream: calls run one at a time
+    std::lock_guard<std::mutex> lock(mu_);
     runs_.clear();
     PlanCopies(regions_, block_ids, staging, direction, &runs_);
-    if (runs_.empty()) return Status::Ok();
+    if (runs_.empty()) {
+      in_flight_.emplace(++last_, nullptr);
+      return last_;
+    }
     if (cudaError_t e = rt.SetDevice(device_); e != cudaSuccess)
       return CudaError("cudaSetDevice", e);
-    // Start after what the engine's compute stream has queued so far (a gather reads blocks the
-    // forward pass just wrote; a scatter overwrites blocks it may still read), and no later.
     if (cudaError_t e = rt.EventRecord(ready_, compute_stream_); e != cudaSuccess) {
       return CudaError("cudaEventRecord", e);
     }
     if (cudaError_t e = rt.StreamWaitEvent(stream_, ready_, 0); e != cudaSuccess) {
       return CudaError("cudaStreamWaitEvent", e);
     }
+    if (Status s = Submit(rt); !s.ok()) {
+      rt.StreamSynchronize(stream_);  // what was queued finishes before the caller frees staging
+      return s;
+    }
+    cudaEvent_t done = nullptr;
+    if (!free_events_.empty()) {
+      done = free_events_.back();
+      free_events_.pop_back();
+    } else if (cudaError_t e = rt.EventCreateWithFlags(&done, cudaEventDisableTiming);
+               e != cudaSuccess) {
+      rt.StreamSynchronize(stream_);
+      return CudaError("cudaEventCreateWithFlags", e);
+    }
+    if (cudaError_t e = rt.EventRecord(done, stream_); e != cudaSuccess) {
+      free_events_.push_back(done);
+      rt.StreamSynchronize(stream_);
+      return CudaError("cudaEventRecord", e);
+    }
+    in_flight_.emplace(++last_, done);
+    return last_;
+  }
+
+  /// One cudaMemcpyBatchAsync of runs_, or one cudaMemcpyAsync per run without it.
+  Status Submit(const CudaRuntime& rt) {
     if (rt.MemcpyBatchAsync != nullptr) {
       dsts_.resize(runs_.size());
       srcs_.resize(runs_.size());
@@ -177,17 +233,13 @@ class CudaCopyEngine final : public CopyEngine {
       size_t attr_index = 0;
       const cudaError_t e = rt.MemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(),
                                                 runs_.size(), &attr, &attr_index, 1, stream_);
-      if (e != cudaSuccess) return CudaError("cudaMemcpyBatchAsync", e);
-    } else {
-      for (const CopyRun& r : runs_) {
-        const cudaError_t e =
-            rt.MemcpyAsync(reinterpret_cast<void*>(r.dst), reinterpret_cast<const void*>(r.src),
-                           r.bytes, cudaMemcpyDefault, stream_);
-        if (e != cudaSuccess) return CudaError("cudaMemcpyAsync", e);
-      }
+      return e == cudaSuccess ? Status::Ok() : CudaError("cudaMemcpyBatchAsync", e);
     }
-    if (cudaError_t e = rt.StreamSynchronize(stream_); e != cudaSuccess) {
-      return CudaError("cudaStreamSynchronize", e);
+    for (const CopyRun& r : runs_) {
+      const cudaError_t e =
+          rt.MemcpyAsync(reinterpret_cast<void*>(r.dst), reinterpret_cast<const void*>(r.src),
+                         r.bytes, cudaMemcpyDefault, stream_);
+      if (e != cudaSuccess) return CudaError("cudaMemcpyAsync", e);
     }
     return Status::Ok();
   }
@@ -197,6 +249,9 @@ class CudaCopyEngine final : public CopyEngine {
   cudaEvent_t ready_;
   cudaStream_t compute_stream_ = nullptr;  // the legacy default stream until told otherwise
   std::mutex mu_;
+  CopyTicket last_ = 0;
+  std::unordered_map<CopyTicket, cudaEvent_t> in_flight_;  // null event: an empty copy
+  std::vector<cudaEvent_t> free_events_;
   std::vector<CopyRun> runs_;
   std::vector<void*> dsts_;
   std::vector<const void*> srcs_;
