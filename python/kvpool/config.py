@@ -365,6 +365,9 @@ class ConnectorConfig(_Settings):
     #: The worker's staging arena (shared with same-host nodes); loads and saves that do not fit
     #: use ordinary memory, whose bytes cross on the socket instead.
     staging_bytes: int = _size(256 << 20)
+    #: A load of more bytes than this is fetched in chunks of about this size, each copied into
+    #: the KV cache while the next one arrives (0: one fetch, then one copy).
+    load_chunk_bytes: int = _size(8 << 20)
     #: RDMA device selection, as on nodes (``rdma_devices``, ``rdma_link_type``, ``rdma_port``),
     #: and the GPU whose nearest device to use: -1 takes the worker's own CUDA device when vLLM
     #: runs on GPUs (none on CPU).
@@ -426,6 +429,8 @@ class ConnectorConfig(_Settings):
         _check_redis_url("redis_url", self.redis_url)
         if self.staging_bytes <= 0:
             raise ConfigError(f"staging_bytes must be > 0, got {self.staging_bytes}")
+        if self.load_chunk_bytes < 0:
+            raise ConfigError(f"load_chunk_bytes must be >= 0, got {self.load_chunk_bytes}")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.replicas < 0:

@@ -47,7 +47,7 @@ SHORT = {"k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 UNITS = {"": 1, "b": 1, **BINARY, **DECIMAL, **SHORT}
 SIZE_KEYS = {
     ServerConfig: ("memory", "max_frame_bytes", "max_block_bytes", "shm_max_arena_bytes"),
-    ConnectorConfig: ("max_pending_save", "staging_bytes"),
+    ConnectorConfig: ("max_pending_save", "staging_bytes", "load_chunk_bytes"),
 }
 
 

@@ -269,7 +269,9 @@ def test_engine_forced_to_tcp_loads_the_same_blocks(
     pool: Pool, ref: dict[str, Any], engine_a: dict[str, Any]
 ) -> None:
     before = transport_bytes(pool)
-    report = pool.run("b_tcp", extra={"transport": "tcp"})
+    # One block per chunk: the first prompt's 9-block load is fetched and copied chunk by chunk,
+    # each copy overlapping the next fetch.
+    report = pool.run("b_tcp", extra={"transport": "tcp", "load_chunk_bytes": 1})
     after = transport_bytes(pool)
     worker = report["connector"]["worker"]
     assert worker["loaded_blocks"] == PREFIX_BLOCKS + 3 and worker["load_errors"] == 0, worker

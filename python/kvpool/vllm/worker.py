@@ -2,9 +2,10 @@
 
 Copies blocks between vLLM's per-layer KV tensors and kvpool as opaque pages. A block's stored
 object is its bytes in every layer of this rank, concatenated in layer order (see
-``kvpool.copy``). Loads are synchronous in ``start_load_kv`` (the forward needs them); a block
-that cannot be read is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes
-it. Saves are gathered into staging memory in ``wait_for_save`` (a memcpy, so vLLM may reuse the
+``kvpool.copy``). Loads are synchronous in ``start_load_kv`` (the forward needs them), fetched
+in chunks of ``load_chunk_bytes`` with the copy of each chunk into the cache overlapping the
+fetch of the next; a block that cannot be read is reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes it. Saves are gathered into staging memory in ``wait_for_save`` (a memcpy, so vLLM may reuse the
 blocks at once) and written by a background thread off the critical path.
 
 Each request's key chain is kept from its :class:`~kvpool.vllm.metadata.NewRequest` until it is
@@ -17,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -156,6 +158,8 @@ class WorkerSide:
         self._arena = arena
         self._cuda = False  # the engine copies between CUDA KV caches and host staging
         self._staging = StagingPool(arena)
+        # Fetches the next chunk of a load while the current one is copied into the cache.
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="kvpool-load")
         self._saver = threading.Thread(target=self._save_loop, name="kvpool-save", daemon=True)
         self._saver.start()
 
@@ -279,6 +283,34 @@ class WorkerSide:
         t0 = time.perf_counter()
         self._follow_compute_stream(engine)
         size = engine.object_bytes
+        chunk = self.config.load_chunk_bytes
+        per = max(1, chunk // size) if chunk else len(keys)
+        spans = [(a, min(a + per, len(keys))) for a in range(0, len(keys), per)]
+        # Double buffering: chunk c + 1 arrives (a thread of its own) while chunk c is copied
+        # into the KV cache; each chunk has its own staging, so the two never share a byte.
+        loaded = missed = 0
+        pending = self._fetcher.submit(self._fetch, keys[spans[0][0] : spans[0][1]], size)
+        try:
+            for c, (a, b) in enumerate(spans):
+                staging, found = pending.result()
+                if c + 1 < len(spans):
+                    na, nb = spans[c + 1]
+                    pending = self._fetcher.submit(self._fetch, keys[na:nb], size)
+                got, lost = self._place(engine, op.block_ids[a:b], keys[a:b], staging, found)
+                loaded, missed = loaded + got, missed + lost
+        finally:
+            pending.result()  # never leave a fetch writing into staging behind (it cannot raise)
+        seconds = time.perf_counter() - t0
+        self._count(
+            loaded_blocks=loaded,
+            loaded_bytes=loaded * size,
+            load_seconds=seconds,
+            load_errors=missed,
+        )
+        self._counters.observe_load(seconds)
+
+    def _fetch(self, keys: list[bytes], size: int) -> tuple[np.ndarray, list[bool]]:
+        """Reads ``keys`` into fresh staging: (the staging, which keys were found)."""
         staging = self._staging.take(len(keys) * size)
         views = [staging[i * size : (i + 1) * size] for i in range(len(keys))]
         try:
@@ -286,27 +318,34 @@ class WorkerSide:
         except Exception as e:  # noqa: BLE001 - a failed load is recomputed, never fatal
             log.warning("kvpool load of %d blocks failed: %s", len(keys), e)
             found = [False] * len(keys)
+        return staging, list(found)
+
+    def _place(
+        self,
+        engine: CopyEngine,
+        block_ids: list[int],
+        keys: list[bytes],
+        staging: np.ndarray,
+        found: list[bool],
+    ) -> tuple[int, int]:
+        """Copies the found blocks of one fetched chunk into the KV cache and reports the rest
+        to vLLM (recomputed) and as removed; returns (loaded, missed)."""
+        size = engine.object_bytes
         ok = [i for i, f in enumerate(found) if f]
         if len(ok) == len(keys):
-            engine.scatter(op.block_ids, staging)
-            self._staging.give(staging)
+            engine.scatter(block_ids, staging)
+            self._staging.give(staging)  # every node answered: nothing writes into it any more
         elif ok:
-            engine.scatter([op.block_ids[i] for i in ok], np.concatenate([views[i] for i in ok]))
+            parts = [staging[i * size : (i + 1) * size] for i in ok]
+            engine.scatter([block_ids[i] for i in ok], np.concatenate(parts))
         missed = [i for i, f in enumerate(found) if not f]
         if missed:
-            self._load_errors.update(op.block_ids[i] for i in missed)
+            self._load_errors.update(block_ids[i] for i in missed)
             with self._events_lock:
                 self._events.append(
                     BlockRemoved(block_hashes=[keys[i] for i in missed], medium=MEDIUM_STORAGE)
                 )
-        seconds = time.perf_counter() - t0
-        self._count(
-            loaded_blocks=len(ok),
-            loaded_bytes=len(ok) * size,
-            load_seconds=seconds,
-            load_errors=len(missed),
-        )
-        self._counters.observe_load(seconds)
+        return len(ok), len(missed)
 
     def _follow_compute_stream(self, engine: CopyEngine) -> None:
         """CUDA: copies start after the forward's queued work on torch's current stream."""
@@ -401,3 +440,4 @@ class WorkerSide:
     def shutdown(self) -> None:
         self.flush(self.config.timeout * 4)
         self._saves.put(None)
+        self._fetcher.shutdown(wait=True)
