@@ -5,8 +5,9 @@ object is its bytes in every layer of this rank, concatenated in layer order (se
 ``kvpool.copy``). Loads are synchronous in ``start_load_kv`` (the forward needs them), fetched
 in chunks of ``load_chunk_bytes`` with the copy of each chunk into the cache overlapping the
 fetch of the next; a block that cannot be read is reported through
-``get_block_ids_with_load_errors`` and vLLM recomputes it. Saves are gathered into staging memory in ``wait_for_save`` (a memcpy, so vLLM may reuse the
-blocks at once) and written by a background thread off the critical path.
+``get_block_ids_with_load_errors`` and vLLM recomputes it. Saves are gathered into staging
+memory in ``wait_for_save`` (a memcpy, so vLLM may reuse the blocks at once) and written by a
+background thread off the critical path.
 
 Each request's key chain is kept from its :class:`~kvpool.vllm.metadata.NewRequest` until it is
 finished, and extended only as far as a load or save needs: every key is hashed once.
