@@ -242,7 +242,7 @@ class ServerConfig(_Settings):
     max_batch_keys: int = 4096
     max_frame_bytes: int = _size(1 << 30)
     max_block_bytes: int = _size(256 << 20)
-    max_connections: int = 1024
+    max_connections: int = 16384
     io_timeout: float = 30.0
     log_level: str = _choice("info", ("debug", "info", "warning", "error"))
     #: Cluster membership: the node joins ``cluster`` through the Redis at ``redis`` (URL with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 from typing import Any
@@ -13,7 +14,10 @@ from kvpool._closing import Closing
 from kvpool.config import ServerConfig
 from kvpool.errors import ConfigError
 
-__all__ = ["LocalServer", "serve"]
+__all__ = ["LocalServer", "ensure_fd_limit", "serve"]
+
+#: Descriptors a node needs besides one per connection (listeners, Redis, metrics, logs, ...).
+FD_RESERVE = 64
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +105,32 @@ class LocalServer(Closing):
     close = stop
 
 
+def ensure_fd_limit(max_connections: int) -> str:
+    """Raises this process's soft limit on open descriptors (RLIMIT_NOFILE) toward what
+    ``max_connections`` needs (one per connection plus :data:`FD_RESERVE`), as far as the hard
+    limit allows, the way servers that take thousands of connections do. Returns "" when the
+    limit now suffices, else a warning naming the numbers."""
+    need = max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return (
+            f"max_connections {max_connections} needs {need} open descriptors, but the hard limit "
+            f"(ulimit -Hn) is {hard}: connections beyond about {max(0, soft - FD_RESERVE)} will be "
+            "refused (raise the limit, e.g. LimitNOFILE= or ulimit -n, or lower max_connections)"
+        )
+    return ""
+
+
 def serve(config: ServerConfig, *, ready: threading.Event | None = None) -> int:
     """Runs a node until SIGTERM or SIGINT; returns the process exit code."""
     _core.set_log_level(_CORE_LEVELS[config.log_level])
+    if why := ensure_fd_limit(config.max_connections):
+        log.warning("%s", why)
     if config.redis:
         from kvpool.metadata import library_source
 

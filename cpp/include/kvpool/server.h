@@ -27,7 +27,7 @@ struct ServerOptions {
   uint16_t port = 0;  ///< 0 = any free port; see Server::port()
   BlockStoreOptions store;
   protocol::Limits limits;
-  uint32_t max_connections = 1024;
+  uint32_t max_connections = 16384;
   /// A frame (request read or reply written) must complete within this once its header arrived;
   /// a writer that stalls longer is disconnected and its reservations freed.
   uint32_t io_timeout_ms = 30000;
