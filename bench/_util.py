@@ -44,6 +44,7 @@ __all__ = [
     "install_interrupt_handlers",
     "run_main",
     "log",
+    "start_kvpool_node",
     "start_redis",
     "median",
     "percentile",
@@ -89,6 +90,24 @@ def start_redis(procs: ProcessSet) -> tuple[Service, int]:
     return service, port
 
 
+def start_kvpool_node(
+    args: Sequence[str], env: Mapping[str, str] | None = None
+) -> tuple[Service, str]:
+    """A ``kvpool server`` of this interpreter's kvpool on a free port (``--port 0``) with
+    ``args``, its output drained; (the node, its host:port) once it listens. The node gets none
+    of this process's ``KVPOOL_*`` variables, only those ``env`` names."""
+    exe = Path(sys.executable).with_name("kvpool")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kvpool"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
+    node = Service(
+        "kvpool server",
+        [*cmd, "server", "--port", "0", *args],
+        env={**base, **(env or {})},
+        inherit_env=False,
+    )
+    return node, node.wait_for_line(r"listening on (\S+:\d+)", timeout=120).group(1)
+
+
 def wait_for_port(host: str, port: int, timeout: float, *, service: Service | None = None) -> None:
     """Polls until a TCP connect to host:port succeeds; ServiceError after ``timeout`` seconds
     or as soon as ``service`` (the process expected to listen) has exited."""
@@ -131,9 +150,11 @@ class Service:
         keep_lines: int = 200,
         echo: str | None = None,
         quiet: str | None = None,
+        inherit_env: bool = True,
     ) -> None:
         """``echo``: also copy each line to our stderr, behind this prefix, as it arrives,
-        except lines that match the regex ``quiet`` (those are still kept for ``tail``)."""
+        except lines that match the regex ``quiet`` (those are still kept for ``tail``).
+        ``env`` adds to this process's environment, or replaces it without ``inherit_env``."""
         self.name = name
         self._echo = echo
         self._quiet = re.compile(quiet) if quiet else None
@@ -143,7 +164,7 @@ class Service:
         self._pattern: re.Pattern[str] | None = None
         self._cond = threading.Condition()
         self._eof = False
-        full_env = dict(os.environ)
+        full_env = dict(os.environ) if inherit_env else {}
         if env:
             full_env.update(env)
         setpriv = shutil.which("setpriv")

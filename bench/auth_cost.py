@@ -17,40 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import kvpool
+from _util import Service, start_kvpool_node
 
 TOKEN = "bench-" + os.urandom(16).hex()
 BLOCK, BATCH = 256 << 10, 32
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "auth_cost.json"
 
 
-def start_node(token: str | None) -> tuple[subprocess.Popen[str], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
-    if token:
-        env["KVPOOL_AUTH_TOKEN"] = token
-    exe = Path(sys.executable).with_name("kvpool")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kvpool"]
-    proc = subprocess.Popen(
-        [*cmd, "server", "--port", "0", "--memory", "256MiB"],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r"listening on (\S+:\d+)", line)
-        if m:
-            return proc, m.group(1)
-    raise RuntimeError(f"node did not start (exit {proc.wait()})")
+def start_node(token: str | None) -> tuple[Service, str]:
+    return start_kvpool_node(["--memory", "256MiB"], {"KVPOOL_AUTH_TOKEN": token} if token else {})
 
 
 def handshake_ms(address: str, token: str, transport: str) -> float:
@@ -111,9 +93,8 @@ def main() -> int:
         for c in clients.values():
             c.close()
     finally:
-        for proc, _ in nodes.values():
-            proc.terminate()
-            proc.wait(10)
+        for node, _ in nodes.values():
+            node.stop()
     print(f"{'':<22}{'auth off':>12}{'auth on':>12}{'on/off':>8}")
     for transport in ("tcp", "shm"):
         off, on = (report["handshake_ms"][f"{transport}/{a}"] for a in ("off", "on"))

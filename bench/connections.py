@@ -29,7 +29,6 @@ import resource
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import kvpool
+from _util import start_kvpool_node
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "connections.json"
 HEADER = struct.Struct(
@@ -55,27 +55,6 @@ def proc_status(pid: int) -> dict[str, int]:
     threads = re.search(r"Threads:\s+(\d+)", text)
     assert rss and threads
     return {"rss_bytes": int(rss.group(1)) * 1024, "threads": int(threads.group(1))}
-
-
-def start_node(memory: str) -> tuple[subprocess.Popen[str], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVPOOL_")}
-    exe = Path(sys.executable).with_name("kvpool")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kvpool"]
-    proc = subprocess.Popen(
-        [*cmd, "server", "--port", "0", "--memory", memory],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r"listening on (\S+:\d+)", line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining
-            return proc, m.group(1)
-    raise RuntimeError(f"node did not start (exit {proc.wait()})")
 
 
 def open_idle(address: str, n: int) -> list[socket.socket]:
@@ -151,7 +130,7 @@ def main() -> int:
     counts = [int(c) for c in args.clients.split(",")]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds them too
-    node, address = start_node("1GiB")
+    node, address = start_kvpool_node(["--memory", "1GiB"])
     report: dict[str, Any] = {"idle": args.idle, "clients": counts, "gbps": {}}
     try:
         time.sleep(0.5)
@@ -188,8 +167,7 @@ def main() -> int:
         for s in idle:
             s.close()
     finally:
-        node.terminate()
-        node.wait(30)
+        node.stop()
     first = report["gbps"][str(counts[0])]["median"]
     print(
         f"one node, {args.idle} idle connections held; get_into of {args.batch} x "

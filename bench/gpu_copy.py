@@ -87,23 +87,10 @@ class BenchError(RuntimeError):
 
 
 def unavailable_reason() -> str:
-    """Why the CUDA engine cannot be measured here ("" when it can)."""
-    try:
-        import torch
-    except ImportError as e:
-        return f"torch does not import ({e})"
-    if not torch.cuda.is_available():
-        return (
-            f"torch.cuda.is_available() is False (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda or 'none'})"
-        )
+    """Why the CUDA engine cannot be used here ("" when it can)."""
     import kvpool.copy
 
-    if not hasattr(kvpool.copy, "cuda_available"):
-        return "kvpool.copy has no cuda_available(): this kvpool predates the CUDA copy engine"
-    if not kvpool.copy.cuda_available():
-        return f"kvpool.copy.cuda_available() is False: {kvpool.copy.cuda_unavailable_reason()}"
-    return ""
+    return kvpool.copy.torch_cuda_unavailable_reason()
 
 
 def meta(plan: Plan, tools: Sequence[str] = ()) -> dict[str, Any]:

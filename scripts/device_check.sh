@@ -32,7 +32,7 @@
 #   info     torch / CUDA versions, GPU name, kvpool._core.cuda_built(), kvpool.copy.
 #            cuda_available() and its reason (with torch imported, and in a process without
 #            torch, which has to find libcudart.so.13 on its own) -> OUTDIR/info.json;
-#   pytest   pytest -m gpu on tests/python/test_gpu.py copied (with conftest.py) to a temporary
+#   pytest   pytest -m gpu on tests/python/test_gpu.py copied (with conftest.py, wire.py) to a temporary
 #            directory and run against the installed package (a skip counts as a failure when
 #            torch sees a GPU) -> OUTDIR/pytest.xml;
 #   bench    bench/gpu_copy.py --quick --json-out OUTDIR/gpu_copy.json;
@@ -267,7 +267,7 @@ EOF
 step_pytest() {
   local t="$WORK/tests"
   rm -rf "$t" && mkdir -p "$t"
-  cp "$REPO/tests/python/conftest.py" "$REPO/tests/python/test_gpu.py" "$t/"
+  cp "$REPO/tests/python/conftest.py" "$REPO/tests/python/wire.py" "$REPO/tests/python/test_gpu.py" "$t/"
   cat >"$t/pytest.ini" <<'EOF'
 [pytest]
 addopts = --strict-markers -ra

@@ -63,6 +63,7 @@ __all__ = [
     "describe_layout",
     "detect_layout",
     "kv_regions",
+    "torch_cuda_unavailable_reason",
 ]
 
 
@@ -385,6 +386,22 @@ def cuda_unavailable_reason() -> str:
     """Why the CUDA copy engine cannot be used now ("" when it can): not built, no CUDA runtime
     (libcudart.so.13), no driver, or no device."""
     return str(_core.cuda_available())
+
+
+def torch_cuda_unavailable_reason() -> str:
+    """Why CUDA KV caches cannot be copied in this process ("" when they can): torch does not
+    import or sees no CUDA device, or :func:`cuda_unavailable_reason` says why."""
+    try:
+        import torch
+    except ImportError as e:
+        return f"torch does not import ({e})"
+    if not torch.cuda.is_available():
+        return (
+            f"torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'})"
+        )
+    why = cuda_unavailable_reason()
+    return f"kvpool.copy.cuda_available() is False: {why}" if why else ""
 
 
 def cuda_available() -> bool:

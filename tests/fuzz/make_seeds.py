@@ -19,9 +19,20 @@ import struct
 import sys
 from pathlib import Path
 
-MAGIC = 0x3150564B
-HEADER = struct.Struct("<IBBHQIiQ")  # magic op flags reserved request_id count status body_bytes
-OP_HELLO, OP_PUT, OP_GET, OP_EXISTS, OP_MATCH_PREFIX, OP_DELETE, OP_STATS, OP_AUTH = range(1, 9)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from wire import (  # noqa: E402 - the protocol tests' frame layouts
+    OP_AUTH,
+    OP_DELETE,
+    OP_EXISTS,
+    OP_GET,
+    OP_HELLO,
+    OP_MATCH_PREFIX,
+    OP_PUT,
+    OP_STATS,
+    ext,
+    header,
+)
+
 FLAG_DESCRIBED = 2
 INLINE = 0xFFFFFFFFFFFFFFFF
 RAW, HELLO_V2, HELLO_V1, AUTH_RAW, AUTHED, V1_RAW, V1_HELLO, CHUNKED = range(8)
@@ -34,25 +45,6 @@ def chunked(piece: int) -> int:
 
 PRELOADED = [b"preload-block-00", b"preload-block-01", b"AAAAAAAAsamehome", b"BBBBBBBBsamehome"]
 K1, K2, K3 = (bytes([i]) * 16 for i in (0x11, 0x22, 0x33))
-
-
-def header(
-    op: int,
-    *,
-    count: int = 0,
-    body_bytes: int = 0,
-    request_id: int = 1,
-    magic: int = MAGIC,
-    flags: int = 0,
-    reserved: int = 0,
-    status: int = 0,
-) -> bytes:
-    return HEADER.pack(magic, op, flags, reserved, request_id, count, status, body_bytes)
-
-
-def ext(kind: int, value: bytes) -> bytes:
-    """One v2 HELLO extension (u16 type, u16 zero, u32 length, value)."""
-    return struct.pack("<HHI", kind, 0, len(value)) + value
 
 
 def frame(op: int, body: bytes = b"", *, count: int = 0, **fields: int) -> bytes:

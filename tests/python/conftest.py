@@ -27,6 +27,23 @@ import kvpool
 import kvpool.local
 import pytest
 
+# The wire protocol by hand (tests/python/wire.py), re-exported for the tests.
+from wire import (  # noqa: F401
+    HEADER,
+    MAGIC,
+    OP_AUTH,
+    OP_DELETE,
+    OP_EXISTS,
+    OP_GET,
+    OP_HELLO,
+    OP_MATCH_PREFIX,
+    OP_PUT,
+    OP_STATS,
+    ext,
+    header,
+    parse_exts,
+)
+
 START_TIMEOUT_S = 60.0  # generous: the first import of an editable install may rebuild the core
 STOP_TIMEOUT_S = 10.0
 _READY = re.compile(r"kvpool server listening on (\S+):(\d+)")
@@ -352,41 +369,6 @@ def kill_client_mid_call(
 
 
 free_port = kvpool.local.free_port
-
-
-# The wire protocol (docs/protocol.md), spoken by hand to send what the client never would.
-MAGIC = 0x3150564B
-HEADER = struct.Struct("<IBBHQIiQ")  # magic op flags reserved request_id count status body_bytes
-OP_HELLO, OP_PUT, OP_GET, OP_EXISTS, OP_MATCH_PREFIX, OP_DELETE, OP_STATS, OP_AUTH = range(1, 9)
-assert HEADER.size == 32
-
-
-def ext(kind: int, value: bytes) -> bytes:
-    """One v2 HELLO extension (u16 type, u16 zero, u32 length, value)."""
-    return struct.pack("<HHI", kind, 0, len(value)) + value
-
-
-def parse_exts(body: bytes) -> dict[int, bytes]:
-    out, at = {}, 0
-    while at < len(body):
-        kind, _, n = struct.unpack_from("<HHI", body, at)
-        out[kind] = body[at + 8 : at + 8 + n]
-        at += 8 + n
-    return out
-
-
-def header(
-    op: int,
-    *,
-    count: int = 0,
-    body_bytes: int = 0,
-    request_id: int = 1,
-    magic: int = MAGIC,
-    flags: int = 0,
-    reserved: int = 0,
-    status: int = 0,
-) -> bytes:
-    return HEADER.pack(magic, op, flags, reserved, request_id, count, status, body_bytes)
 
 
 class RawConnection:

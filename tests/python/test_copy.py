@@ -420,6 +420,7 @@ def test_without_a_usable_device_the_cuda_engine_says_why() -> None:
         pytest.skip("a CUDA device is usable here: tests/python/test_gpu.py copies with it")
     why = copy.cuda_unavailable_reason()
     assert why
+    assert copy.torch_cuda_unavailable_reason()  # torch sees no device, or kvpool's reason
     cache = vllm_cpu_cache()
     with pytest.raises(KVPoolError) as e:
         copy.cuda_engine(cache, num_blocks=BLOCKS)

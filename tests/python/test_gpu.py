@@ -34,17 +34,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _unavailable() -> str:
-    """Why these tests cannot run here ("" when they can)."""
-    if not torch.cuda.is_available():
-        return (
-            f"torch.cuda.is_available() is False (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda or 'none'})"
-        )
-    if not hasattr(kvpool.copy, "cuda_available"):
-        return "kvpool.copy has no cuda_available(): this kvpool predates the CUDA copy engine"
-    if not kvpool.copy.cuda_available():
-        return f"kvpool.copy.cuda_available() is False: {kvpool.copy.cuda_unavailable_reason()}"
-    return ""
+    """Why the CUDA engine cannot be used here ("" when it can)."""
+    return kvpool.copy.torch_cuda_unavailable_reason()
 
 
 _WHY = _unavailable()

@@ -245,6 +245,8 @@ def test_engine_b_loads_the_prefix_and_generates_the_same_tokens(
     external_blocks = PREFIX_BLOCKS + 3  # prompt 1: 8 prefix + 1 own; prompts 2, 3: 1 own each
     assert scheduler["hit_tokens"] == external_blocks * BLOCK, scheduler
     assert worker["loaded_blocks"] == external_blocks and worker["load_errors"] == 0, worker
+    # One load of 8 MiB chunks reads its blocks in one call; the TCP engine below reads one each.
+    assert 0 < worker["load_fetches"] < external_blocks, worker
     assert worker["loaded_bytes"] == external_blocks * (worker["loaded_bytes"] // external_blocks)
     # Greedy outputs are bit-for-bit those of the engine that computed everything itself.
     assert pool.outputs("b") == pool.outputs("ref")
@@ -275,6 +277,7 @@ def test_engine_forced_to_tcp_loads_the_same_blocks(
     after = transport_bytes(pool)
     worker = report["connector"]["worker"]
     assert worker["loaded_blocks"] == PREFIX_BLOCKS + 3 and worker["load_errors"] == 0, worker
+    assert worker["load_fetches"] == worker["loaded_blocks"], "one fetch per one-block chunk"
     assert pool.outputs("b_tcp") == pool.outputs("ref")
     assert after["tcp"]["bytes_out"] - before["tcp"]["bytes_out"] >= worker["loaded_bytes"]
     assert after["shm"]["bytes_out"] == before["shm"]["bytes_out"]  # nothing over shared memory

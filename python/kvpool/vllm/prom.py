@@ -28,6 +28,7 @@ COUNTERS = {
     "loaded_bytes": "Bytes loaded from kvpool into the KV cache.",
     "load_seconds": "Time the workers spent loading (on the forward pass's critical path).",
     "load_errors": "Blocks that could not be loaded (vLLM recomputed them).",
+    "load_fetches": "Cluster reads of the loads (one per chunk of load_chunk_bytes).",
     "saved_blocks": "Blocks written to kvpool.",
     "saved_bytes": "Bytes written to kvpool.",
     "save_seconds": "Time the background writers spent writing.",

@@ -281,6 +281,8 @@ class WorkerSide:
             self._load_errors.update(op.block_ids)
             self._count(load_errors=len(op.block_ids))
             return
+        if not keys:
+            return
         t0 = time.perf_counter()
         self._follow_compute_stream(engine)
         size = engine.object_bytes
@@ -307,6 +309,7 @@ class WorkerSide:
             loaded_bytes=loaded * size,
             load_seconds=seconds,
             load_errors=missed,
+            load_fetches=len(spans),
         )
         self._counters.observe_load(seconds)
 
